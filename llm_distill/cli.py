@@ -1,0 +1,52 @@
+"""Command line: `llm-distill {generate,train,evaluate,quickstart} [recipe.yaml] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+STAGES = ("generate", "train", "evaluate", "quickstart")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llm-distill",
+        description="Distil a large chat model into a small one: generate -> train -> evaluate.",
+        epilog="Example: llm-distill train recipes/tiny/train_kd.yaml max_steps=200 output_dir=runs/kd")
+    parser.add_argument("stage", choices=STAGES, help="which stage to run")
+    parser.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides")
+    ns = parser.parse_args(argv)
+    recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    overrides = ns.args[1:] if recipe else ns.args
+    try:
+        from .config import EvaluateConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
+
+        if ns.stage == "generate":
+            from . import generate
+
+            generate.main(load_config(GenerateConfig, recipe, overrides))
+        elif ns.stage == "train":
+            from . import train
+
+            train.main(load_config(TrainConfig, recipe, overrides))
+        elif ns.stage == "evaluate":
+            from . import evaluate
+
+            evaluate.main(load_config(EvaluateConfig, recipe, overrides))
+        else:
+            from . import quickstart
+
+            quickstart.main(load_config(QuickstartConfig, recipe, overrides))
+    except UserError as e:
+        print(f"llm-distill {ns.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llm-distill {ns.stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Typed configs for each stage, loaded from YAML recipes plus `key=value` command-line overrides.
+
+Every field carries a docstring; `__post_init__` validates values so a bad recipe fails before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+@dataclass
+class GenerateConfig:
+    """`llm-distill generate`: run a teacher over chat prompts and store completions with top-k logprobs."""
+
+    model: str = ""
+    """Teacher: a local model directory (or hub id when online) loadable by `AutoModelForCausalLM`."""
+    prompts: str = ""
+    """Prompts: a JSONL file (one `{"messages": [...]}` per line) or a `datasets` directory from `save_to_disk`."""
+    output_dir: str = ""
+    """Where the teacher dataset is written (`datasets.load_from_disk` reads it back)."""
+    backend: str = "transformers"
+    """Generation backend. `transformers` runs anywhere (CPU or a small GPU)."""
+    num_samples: int = 1
+    """Completions per prompt (each becomes one row, id `<prompt id>#<sample>`)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy. Stored logprobs are always raw (T=1), whatever this is."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 disables it)."""
+    max_new_tokens: int = 256
+    """Completion length limit; a completion cut here gets `finish_reason = "length"`."""
+    logprobs: int = 20
+    """k: how many top teacher tokens (ids and raw logprobs) are stored per completion position."""
+    batch_size: int = 16
+    """Prompts per forward batch (prompts are sorted by length so batches waste little padding)."""
+    seed: int = 0
+    """Seed for sampling."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: str = "auto"
+    """Model dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
+    limit: Optional[int] = None
+    """Use only the first N prompts (handy for a dry run)."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "generate: 'model' is required (path to the teacher), e.g. model=path/to/teacher")
+        _check(bool(self.prompts), "generate: 'prompts' is required (a JSONL file or a datasets directory)")
+        _check(bool(self.output_dir), "generate: 'output_dir' is required")
+        _check(self.backend in ("transformers",),
+               f"generate: backend '{self.backend}' is not available; use backend=transformers")
+        _check(self.num_samples >= 1, "generate: num_samples must be >= 1")
+        _check(self.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "generate: top_p must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "generate: max_new_tokens must be >= 1")
+        _check(self.logprobs >= 1, "generate: logprobs (k) must be >= 1")
+        _check(self.batch_size >= 1, "generate: batch_size must be >= 1")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+               f"generate: dtype '{self.dtype}' is not one of auto, float32, bfloat16, float16")
+        _check(self.limit is None or self.limit >= 1, "generate: limit must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """`llm-distill train`: distil a student on a teacher dataset with one explicit Accelerate loop."""
+
+    dataset: str = ""
+    """Teacher dataset directory written by `generate` (or any dataset with `messages` + `completion` for CE only)."""
+    output_dir: str = ""
+    """Where the student (model + tokenizer), checkpoints and `metrics.jsonl` are written."""
+    student: Optional[str] = None
+    """Pretrained student directory (or hub id when online). Leave empty to build one from `student_config`."""
+    student_config: Optional[dict] = None
+    """A fresh student: `transformers` config fields with `model_type` (e.g. llama, qwen2); vocab comes from the tokenizer."""
+    tokenizer: Optional[str] = None
+    """Tokenizer for a fresh student; defaults to the teacher's (from the dataset's provenance)."""
+    kd_weight: float = 1.0
+    """Weight of the token-level forward KL on the teacher's top-k + tail buckets."""
+    ce_weight: float = 1.0
+    """Weight of cross-entropy on the teacher's tokens (sequence-level KD). kd_weight=0 trains CE only."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warm-up: `cosine`, `linear` or `constant`."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (optimiser steps)."""
+    max_steps: int = 1000
+    """Optimiser steps to train for (the data is repeated in reshuffled epochs as needed)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimiser step on each process; the loss is normalised over all of them."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    max_seq_len: Optional[int] = None
+    """Truncate prompt + completion to this many tokens (default: the student's context length)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    log_every: int = 10
+    """Log loss parts and tokens/s every N optimiser steps."""
+    save_every: int = 0
+    """Save a checkpoint under `checkpoints/step-N` every N steps (0: only the final model)."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), "train: 'dataset' is required (a directory written by generate)")
+        _check(bool(self.output_dir), "train: 'output_dir' is required")
+        _check(bool(self.student) != bool(self.student_config),
+               "train: set exactly one of 'student' (a model path) or 'student_config' (a config for a fresh model)")
+        if self.student_config is not None:
+            _check(isinstance(self.student_config, dict) and "model_type" in self.student_config,
+                   "train: student_config needs a 'model_type' (e.g. llama, qwen2)")
+        _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
+        _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")
+        _check(self.learning_rate > 0, "train: learning_rate must be > 0")
+        _check(self.lr_scheduler in ("cosine", "linear", "constant"),
+               f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")
+        _check(self.max_steps >= 1, "train: max_steps must be >= 1")
+        _check(self.micro_batch_size >= 1, "train: micro_batch_size must be >= 1")
+        _check(self.grad_accum_steps >= 1, "train: grad_accum_steps must be >= 1")
+        _check(self.warmup_steps >= 0, "train: warmup_steps must be >= 0")
+        _check(self.max_grad_norm >= 0, "train: max_grad_norm must be >= 0")
+        _check(self.log_every >= 1, "train: log_every must be >= 1")
+        _check(self.save_every >= 0, "train: save_every must be >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    """`llm-distill evaluate`: teacher and students on held-out prompts, one report."""
+
+    prompts: str = ""
+    """Held-out prompts (JSONL or datasets directory); a `reference` field enables exact match."""
+    output_dir: str = ""
+    """Where `report.json`, `report.md` and `examples.jsonl` are written."""
+    teacher: Optional[str] = None
+    """Teacher model directory: its answers are the target of ROUGE-L, agreement and KL."""
+    students: dict = field(default_factory=dict)
+    """Models to compare, `name: path` (students, baselines)."""
+    max_new_tokens: int = 64
+    """Greedy generation length limit."""
+    logprobs: int = 20
+    """k of the teacher top-k used for KL(teacher || student) on the teacher's held-out answers."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, ..."""
+    dtype: str = "auto"
+    """Model dtype: `auto`, `float32`, `bfloat16`, `float16`."""
+    limit: Optional[int] = None
+    """Use only the first N prompts."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.prompts), "evaluate: 'prompts' is required (held-out JSONL)")
+        _check(bool(self.output_dir), "evaluate: 'output_dir' is required")
+        _check(isinstance(self.students, dict), "evaluate: 'students' must be a mapping name: path")
+        _check(bool(self.teacher) or bool(self.students), "evaluate: give a 'teacher' and/or 'students'")
+        _check(self.max_new_tokens >= 1, "evaluate: max_new_tokens must be >= 1")
+        _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
+        _check(self.batch_size >= 1, "evaluate: batch_size must be >= 1")
+        _check(self.limit is None or self.limit >= 1, "evaluate: limit must be >= 1")
+
+
+@dataclass
+class QuickstartConfig:
+    """`llm-distill quickstart`: the whole chain on the bundled tiny task, on CPU, no downloads."""
+
+    data_dir: str = "data/tiny_task"
+    """Bundled task: `train.jsonl`, `heldout.jsonl` and the tiny `teacher/` checkpoint."""
+    recipes_dir: str = "recipes/tiny"
+    """Recipes used for each stage (`generate.yaml`, `train_kd.yaml`, `train_ce.yaml`, `evaluate.yaml`)."""
+    output_dir: str = "runs/quickstart"
+    """Everything the run writes goes here; a rerun replaces it."""
+    seeds: list = field(default_factory=lambda: [0])
+    """Student seeds: one KD and one CE-only student is trained per seed, all evaluated."""
+    max_steps: Optional[int] = None
+    """Override the recipes' training steps (same for KD and CE-only students)."""
+    limit: Optional[int] = None
+    """Use only the first N train and held-out prompts (for a fast smoke run)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seeds, list) and len(self.seeds) >= 1 and all(isinstance(s, int) for s in self.seeds),
+               "quickstart: seeds must be a non-empty list of integers, e.g. seeds=[0,1,2]")
+        _check(self.max_steps is None or self.max_steps >= 1, "quickstart: max_steps must be >= 1")
+
+
+def _coerce(value: Any, typ: Any, name: str, where: str) -> Any:
+    """Check `value` against a simple annotation (str/int/float/bool/list/dict, Optional)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name, where)
+    base = origin or typ
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):
+        try:  # YAML reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if (base is int and isinstance(value, bool)) or not isinstance(value, base):
+        raise UserError(f"{where}: '{name}' must be {getattr(base, '__name__', base)}, got {value!r}")
+    return value
+
+
+def build_config(cls, values: dict, where: str):
+    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], k, where) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a=1 b.c=x` -> {'a': 1, 'b': {'c': 'x'}}; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"command line: '{item}' is not key=value (e.g. max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, values_: dict | None = None):
+    """Load a recipe YAML (optional), then `values_` (a dict), then `key=value` overrides into a validated `cls`."""
+    values: dict = {}
+    where = "command line"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: recipe file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: a recipe must be a mapping of key: value")
+        where = path
+    values = _merge(_merge(values, values_ or {}), parse_overrides(overrides or []))
+    return build_config(cls, values, where)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

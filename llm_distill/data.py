@@ -1,0 +1,165 @@
+"""Prompts in, datasets out: prompt loading/validation, the teacher dataset schema, run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+ROLES = ("system", "user", "assistant")
+RUN_FILE = "run.json"
+PROVENANCE_FILE = "provenance.json"
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list
+    reference: Optional[str]
+    where: str  # "file:line" for error messages
+    task: Optional[str] = None
+
+
+def _validate_record(rec, where: str, index: int) -> Prompt:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with 'messages', got {type(rec).__name__}")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: 'messages' is missing or empty; "
+                        'each prompt needs "messages": [{"role": "user", "content": "..."}]')
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise UserError(f"{where}: unknown role {m.get('role')!r} in messages[{i}]; use one of {', '.join(ROLES)}")
+    if msgs[-1]["role"] == "assistant":
+        raise UserError(f"{where}: the last message is from the assistant; a prompt must end with a user "
+                        "(or system) turn — put an expected answer in 'reference'")
+    ref = rec.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        raise UserError(f"{where}: 'reference' must be a string")
+    pid = rec.get("id", f"p{index}")
+    return Prompt(id=str(pid), messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
+                  reference=ref, where=where, task=rec.get("task"))
+
+
+def load_prompts(path: str, limit: Optional[int] = None) -> list[Prompt]:
+    """Read and validate chat prompts from JSONL or a `save_to_disk` directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: prompts file not found")
+    prompts: list[Prompt] = []
+    if p.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except Exception as e:  # not a datasets directory
+            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file instead") from None
+        for i, rec in enumerate(ds):
+            if limit is not None and len(prompts) >= limit:
+                break
+            prompts.append(_validate_record(rec, f"{path}: row {i}", i))
+    else:
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(prompts) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    "each line must be one JSON object") from None
+                prompts.append(_validate_record(rec, f"{path}:{lineno}", len(prompts)))
+    if not prompts:
+        raise UserError(f"{path}: no prompts found")
+    seen: dict[str, str] = {}
+    for pr in prompts:
+        if pr.id in seen:
+            raise UserError(f"{pr.where}: duplicate id {pr.id!r} (first at {seen[pr.id]}); ids must be unique")
+        seen[pr.id] = pr.where
+    return prompts
+
+
+def encode_prompt(tokenizer, messages: list, model_name: str = "model") -> list[int]:
+    """Token ids of `messages` under the tokenizer's own chat template, with the assistant turn opened.
+
+    The template text already holds any BOS it wants, so it is tokenised without adding special tokens again.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{model_name}: the tokenizer has no chat template; use a chat/instruct model or set "
+                        "tokenizer.chat_template and save it")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directories: refuse to mix runs, never leave a half-written output where a finished one is expected.
+
+
+def _run_record(stage: str, config: dict) -> dict:
+    cfg = {k: v for k, v in config.items() if k != "overwrite"}
+    return {"stage": stage, "config": cfg}
+
+
+def check_output_dir(path: str, stage: str, config: dict, overwrite: bool) -> None:
+    """Refuse an output directory that holds something else, naming what differs."""
+    p = Path(path)
+    if not p.exists() or overwrite:
+        return
+    if p.is_file():
+        raise UserError(f"{path}: output_dir is a file; choose a directory path")
+    if not any(p.iterdir()):
+        return
+    run_file = p / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(f"{path}: output_dir is not empty and was not written by this stage; "
+                        "choose another output_dir or pass overwrite=true")
+    old = json.loads(run_file.read_text())
+    new = _run_record(stage, config)
+    if old.get("stage") != stage:
+        raise UserError(f"{path}: holds a '{old.get('stage')}' run, not '{stage}'; choose another output_dir")
+    diff = sorted(k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k))
+    if diff:
+        k = diff[0]
+        raise UserError(f"{path}: holds a different run ({k}: {old['config'].get(k)!r} there, {new['config'].get(k)!r} now); "
+                        "choose another output_dir or pass overwrite=true")
+
+
+def write_run_record(directory: Path, stage: str, config: dict) -> None:
+    (directory / RUN_FILE).write_text(json.dumps(_run_record(stage, config), indent=2, default=str))
+
+
+def staging_dir(path: str) -> Path:
+    """A fresh hidden sibling of `path` to write into; `publish` moves it into place atomically."""
+    p = Path(path).resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, path: str) -> None:
+    """Replace `path` with the finished `tmp` directory (rename is atomic on one filesystem)."""
+    p = Path(path).resolve()
+    old = p.parent / f".{p.name}.old-{os.getpid()}"
+    if p.exists():
+        os.replace(p, old)
+    os.replace(tmp, p)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_provenance(dataset_dir: str) -> dict:
+    f = Path(dataset_dir) / PROVENANCE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}

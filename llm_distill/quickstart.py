@@ -1,0 +1,81 @@
+"""The whole chain on the bundled tiny task, on CPU, with no downloads:
+
+    llm-distill quickstart                 # one seed (a few minutes on 2 cores)
+    llm-distill quickstart seeds=[0,1,2]   # the README's figures
+
+teacher (data/tiny_task/teacher) -> generate on train prompts -> train a KD student and a CE-only student with
+the same steps and seed -> evaluate all on the held-out prompts -> print the table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from . import evaluate, generate, train
+from .config import EvaluateConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
+from .errors import UserError
+
+
+def main(cfg: QuickstartConfig) -> dict:
+    data, recipes, out = Path(cfg.data_dir), Path(cfg.recipes_dir), Path(cfg.output_dir)
+    for f in (data / "train.jsonl", data / "heldout.jsonl", recipes / "generate.yaml"):
+        if not f.exists():
+            raise UserError(f"{f}: not found; run the quickstart from the repository root (or set data_dir/recipes_dir)")
+    teacher = data / "teacher"
+    if not (teacher / "config.json").is_file():
+        from .tiny_task import train_teacher
+
+        print(f"quickstart: no teacher at {teacher}; training it (a few minutes)")
+        with tempfile.TemporaryDirectory() as work:
+            train_teacher(data, work)
+    if out.exists():
+        shutil.rmtree(out)  # the quickstart owns its output directory
+    limit = {"limit": cfg.limit} if cfg.limit else {}
+
+    gen = load_config(GenerateConfig, str(recipes / "generate.yaml"), values_={
+        "model": str(teacher), "prompts": str(data / "train.jsonl"), "output_dir": str(out / "teacher_data"), **limit})
+    generate.main(gen)
+
+    students = {}
+    for seed in cfg.seeds:
+        for kind in ("kd", "ce"):
+            values = {"dataset": gen.output_dir, "output_dir": str(out / f"{kind}-seed{seed}"), "seed": seed}
+            if cfg.max_steps:
+                values["max_steps"] = cfg.max_steps
+            train.main(load_config(TrainConfig, str(recipes / f"train_{kind}.yaml"), values_=values))
+            students[f"{'kd' if kind == 'kd' else 'ce_only'}-seed{seed}"] = values["output_dir"]
+
+    ev = load_config(EvaluateConfig, str(recipes / "evaluate.yaml"), values_={
+        "prompts": str(data / "heldout.jsonl"), "teacher": str(teacher), "students": students,
+        "output_dir": str(out / "eval"), **limit})
+    report = evaluate.main(ev)
+
+    summary = summarize(report, cfg.seeds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\nquickstart summary (held-out exact match, mean over seeds):")
+    for name, s in summary.items():
+        spread = f" ± {s['exact_match_std']:.1%}" if s.get("exact_match_std") is not None else ""
+        print(f"  {name:8s} {s['exact_match']:.1%}{spread}  ROUGE-L vs teacher {s['rouge_l_vs_teacher']:.3f}  "
+              f"params {s['params']:,}")
+    print(f"report: {out / 'eval' / 'report.md'}")
+    return summary
+
+
+def summarize(report: dict, seeds: list) -> dict:
+    """Average each student kind over seeds."""
+    groups = {"teacher": ["teacher"], "kd": [f"kd-seed{s}" for s in seeds], "ce_only": [f"ce_only-seed{s}" for s in seeds]}
+    out = {}
+    for kind, names in groups.items():
+        ms = [report["models"][n] for n in names if n in report["models"]]
+        if not ms:
+            continue
+        em = [m.get("exact_match", 0.0) for m in ms]
+        out[kind] = {"exact_match": statistics.mean(em),
+                     "exact_match_std": statistics.stdev(em) if len(em) > 1 else None,
+                     "rouge_l_vs_teacher": statistics.mean(m.get("rouge_l_vs_teacher", 0.0) for m in ms),
+                     "params": ms[0]["params"], "seeds": len(ms)}
+    return out

@@ -1,0 +1,110 @@
+"""The bundled synthetic chat task: short questions with exact answers, and its tiny teacher.
+
+    python data/tiny_task/make.py        # rewrites data/tiny_task/{train,heldout}.jsonl and trains teacher/
+
+Four task types of graded difficulty, all answerable character by character:
+    add      "What is 47+85?"                 -> "132"
+    reverse  "Reverse the letters: planet"    -> "tenalp"
+    sort     "Sort the digits: 5183"          -> "1358"
+    max      "Which is larger, 47 or 85?"     -> "85"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import string
+from pathlib import Path
+
+TASKS = ("add", "reverse", "sort", "max")
+
+
+def make_example(rng: random.Random, task: str) -> tuple[str, str]:
+    """One (question, answer) pair of the given task type."""
+    if task == "add":
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        return f"What is {a}+{b}?", str(a + b)
+    if task == "reverse":
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+        return f"Reverse the letters: {w}", w[::-1]
+    if task == "sort":
+        d = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 8)))
+        return f"Sort the digits: {d}", "".join(sorted(d))
+    if task == "max":
+        a, b = rng.sample(range(100, 1000), 2)
+        return f"Which is larger, {a} or {b}?", str(max(a, b))
+    raise ValueError(task)
+
+
+def make_records(n: int, seed: int, exclude: set[str] = frozenset(), prefix: str = "q") -> list[dict]:
+    """n distinct prompts in the JSONL schema (`id`, `task`, `messages`, `reference`), none in `exclude`."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    out = []
+    while len(out) < n:
+        task = TASKS[len(out) % len(TASKS)]
+        q, a = make_example(rng, task)
+        if q in seen:
+            continue
+        seen.add(q)
+        out.append({"id": f"{prefix}{len(out):05d}", "task": task,
+                    "messages": [{"role": "user", "content": q}], "reference": a})
+    return out
+
+
+def write_jsonl(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_task(data_dir: str | Path, n_train: int = 2000, n_heldout: int = 400, seed: int = 1234) -> None:
+    """Write held-out and distillation-train prompt sets (disjoint questions)."""
+    data_dir = Path(data_dir)
+    heldout = make_records(n_heldout, seed, prefix="h")
+    train = make_records(n_train, seed + 1, exclude={r["messages"][0]["content"] for r in heldout}, prefix="t")
+    write_jsonl(heldout, data_dir / "heldout.jsonl")
+    write_jsonl(train, data_dir / "train.jsonl")
+
+
+def train_teacher(data_dir: str | Path, work_dir: str | Path, n_examples: int = 40000, max_steps: int = 3000,
+                  seed: int = 7) -> Path:
+    """Train the tiny teacher with `llm-distill train` (CE only) on its own labelled questions.
+
+    The teacher's data is drawn fresh (not the students' train prompts and not held-out questions), like a
+    real teacher whose training data the distiller never sees.
+    """
+    from datasets import Dataset
+
+    from . import train
+    from .config import TrainConfig
+    from .tiny import build_char_tokenizer
+
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    avoid = set()
+    for split in ("heldout", "train"):
+        with (data_dir / f"{split}.jsonl").open() as f:
+            avoid |= {json.loads(line)["messages"][0]["content"] for line in f}
+    recs = make_records(n_examples, seed + 100, exclude=avoid, prefix="x")
+    sft = work_dir / "teacher_sft"
+    Dataset.from_list([{"messages": r["messages"], "completion": r["reference"]} for r in recs]).save_to_disk(str(sft))
+    tok_dir = work_dir / "char_tokenizer"
+    build_char_tokenizer().save_pretrained(tok_dir)
+    cfg = TrainConfig(dataset=str(sft), output_dir=str(work_dir / "teacher"), tokenizer=str(tok_dir),
+                      student_config=TEACHER_CONFIG, kd_weight=0.0, ce_weight=1.0, learning_rate=3e-3,
+                      warmup_steps=100, max_steps=max_steps, micro_batch_size=64, seed=seed, log_every=100,
+                      overwrite=True)
+    train.main(cfg)
+    target = data_dir / "teacher"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(work_dir / "teacher", target, ignore=shutil.ignore_patterns("checkpoints", "run.json"))
+    return target
+
+
+# ~1.06 M parameters with the 86-token character vocabulary.
+TEACHER_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+                  "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
+                  "tie_word_embeddings": True}
