@@ -10,6 +10,7 @@ fly: nothing of size (steps, vocab) is kept.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _cache_kwarg(model) -> str:
+    """Name of the KV-cache argument: `cache` in newer transformers 5.x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int], vocab_size: int,
                  max_new_tokens: int, k: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -83,8 +89,9 @@ def decode_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: l
     stop = torch.tensor(stop_ids, device=device)
     k = min(k, vocab_size)
 
+    cache_arg = _cache_kwarg(model)
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :vocab_size]  # (B, V): padded vocab rows dropped
+    past, logits = getattr(out, cache_arg), out.logits[:, -1, :vocab_size]  # (B, V): padded vocab rows dropped
     pos = position_ids[:, -1:]  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []  # per step: (token (B,), topk ids (B,k), topk lp (B,k), token lp (B,), tail (B,))
@@ -102,9 +109,9 @@ def decode_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: l
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos + 1
-        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=pos, past_key_values=past,
-                    use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1, :vocab_size]
+        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                    **{cache_arg: past})
+        past, logits = getattr(out, cache_arg), out.logits[:, -1, :vocab_size]
 
     tokens = torch.stack([s[0] for s in steps], 1).cpu()  # (B, S)
     top_ids = torch.stack([s[1] for s in steps], 1).cpu()  # (B, S, k)

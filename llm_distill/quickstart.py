@@ -9,6 +9,7 @@ the same steps and seed -> evaluate all on the held-out prompts -> print the tab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -50,8 +51,8 @@ def main(cfg: QuickstartConfig) -> dict:
             students[f"{'kd' if kind == 'kd' else 'ce_only'}-seed{seed}"] = values["output_dir"]
 
     ev = load_config(EvaluateConfig, str(recipes / "evaluate.yaml"), values_={
-        "prompts": str(data / "heldout.jsonl"), "teacher": str(teacher), "students": students,
-        "output_dir": str(out / "eval"), **limit})
+        "prompts": str(data / "heldout.jsonl"), "teacher": str(teacher), "output_dir": str(out / "eval"), **limit})
+    ev = dataclasses.replace(ev, students=students)  # this run's students, not the recipe's
     report = evaluate.main(ev)
 
     summary = summarize(report, cfg.seeds)
