@@ -147,7 +147,8 @@ def main(cfg: TrainConfig) -> str:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    accelerator = Accelerator()
+    # Without CUDA, cpu=True makes `accelerate launch --multi_gpu --num_processes N` run real DDP over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         check_output_dir(cfg.output_dir, "train", config_to_dict(cfg), cfg.overwrite)

@@ -73,3 +73,30 @@ def test_bad_train_inputs(teacher_data, tmp_path):
     proc = run_cli("train", f"dataset={teacher_data}", f"output_dir={tmp_path / 'o'}", check=False)
     assert proc.returncode == 2 and "exactly one of 'student'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) with 2 sequences per process equals one
+    process with 4: same loss trajectory and final weights (the loss is normalised by global step tokens)."""
+    import os
+    import subprocess
+    import sys
+
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "learning_rate=1e-2",
+              "lr_scheduler=constant", "log_every=1"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=4")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "llm_distill", "train", *common, f"output_dir={tmp_path / 'two'}",
+                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").open()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert len(two) == 3, "only the main process writes metrics"
+    for a, b in zip(one, two):
+        assert a["completion_tokens"] == b["completion_tokens"]
+        assert b["loss"] == __import__("pytest").approx(a["loss"], rel=1e-5)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
