@@ -10,6 +10,16 @@ from .errors import UserError
 STAGES = ("generate", "train", "evaluate", "quickstart")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line summaries only: no per-file load/save bars from the libraries."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llm-distill",
@@ -20,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if recipe else ns.args
+    _quiet_libraries()
     try:
         from .config import EvaluateConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
 

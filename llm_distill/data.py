@@ -142,11 +142,24 @@ def staging_dir(path: str) -> Path:
     """A fresh hidden sibling of `path` to write into; `publish` moves it into place atomically."""
     p = Path(path).resolve()
     p.parent.mkdir(parents=True, exist_ok=True)
+    for stale in p.parent.glob(f".{p.name}.tmp-*"):  # left by a killed run whose process is gone
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(tmp: Path, path: str) -> None:
