@@ -66,7 +66,8 @@ def teacher_kl(model, tokenizer, examples: list[dict], batch_size: int) -> tuple
         kd_sum, ce_sum, tokens = token_losses(logits, b["labels"], b["topk_ids"], b["topk_logprobs"],
                                               b["tail_logprob"], 1.0, 1.0)
         kd, ce, n = kd + float(kd_sum), ce + float(ce_sum), n + tokens
-    return kd / max(n, 1), ce / max(n, 1)
+    # KL >= 0; a model compared with itself can land at -1e-8 through float32 rounding.
+    return max(kd / max(n, 1), 0.0), ce / max(n, 1)
 
 
 def markdown_table(report: dict) -> str:

@@ -3,7 +3,7 @@
     python data/tiny_task/make.py        # rewrites data/tiny_task/{train,heldout}.jsonl and trains teacher/
 
 Four task types of graded difficulty, all answerable character by character:
-    add      "What is 47+85?"                 -> "132"
+    add      "What is 47+85?"                 -> "132"   (two-digit operands)
     reverse  "Reverse the letters: planet"    -> "tenalp"
     sort     "Sort the digits: 5183"          -> "1358"
     max      "Which is larger, 47 or 85?"     -> "85"
@@ -23,7 +23,7 @@ TASKS = ("add", "reverse", "sort", "max")
 def make_example(rng: random.Random, task: str) -> tuple[str, str]:
     """One (question, answer) pair of the given task type."""
     if task == "add":
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"What is {a}+{b}?", str(a + b)
     if task == "reverse":
         w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
@@ -37,8 +37,12 @@ def make_example(rng: random.Random, task: str) -> tuple[str, str]:
     raise ValueError(task)
 
 
-def make_records(n: int, seed: int, exclude: set[str] = frozenset(), prefix: str = "q") -> list[dict]:
-    """n distinct prompts in the JSONL schema (`id`, `task`, `messages`, `reference`), none in `exclude`."""
+def make_records(n: int, seed: int, exclude: set[str] = frozenset(), prefix: str = "q",
+                 distinct: bool = True) -> list[dict]:
+    """n prompts in the JSONL schema (`id`, `task`, `messages`, `reference`), none in `exclude`.
+
+    `distinct=False` allows repeats (the teacher's large training draw exceeds the two-digit additions).
+    """
     rng = random.Random(seed)
     seen = set(exclude)
     out = []
@@ -47,7 +51,8 @@ def make_records(n: int, seed: int, exclude: set[str] = frozenset(), prefix: str
         q, a = make_example(rng, task)
         if q in seen:
             continue
-        seen.add(q)
+        if distinct:
+            seen.add(q)
         out.append({"id": f"{prefix}{len(out):05d}", "task": task,
                     "messages": [{"role": "user", "content": q}], "reference": a})
     return out
@@ -60,7 +65,7 @@ def write_jsonl(records: list[dict], path: Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def build_task(data_dir: str | Path, n_train: int = 2000, n_heldout: int = 400, seed: int = 1234) -> None:
+def build_task(data_dir: str | Path, n_train: int = 5000, n_heldout: int = 400, seed: int = 1234) -> None:
     """Write held-out and distillation-train prompt sets (disjoint questions)."""
     data_dir = Path(data_dir)
     heldout = make_records(n_heldout, seed, prefix="h")
@@ -87,7 +92,7 @@ def train_teacher(data_dir: str | Path, work_dir: str | Path, n_examples: int = 
     for split in ("heldout", "train"):
         with (data_dir / f"{split}.jsonl").open() as f:
             avoid |= {json.loads(line)["messages"][0]["content"] for line in f}
-    recs = make_records(n_examples, seed + 100, exclude=avoid, prefix="x")
+    recs = make_records(n_examples, seed + 100, exclude=avoid, prefix="x", distinct=False)
     sft = work_dir / "teacher_sft"
     Dataset.from_list([{"messages": r["messages"], "completion": r["reference"]} for r in recs]).save_to_disk(str(sft))
     tok_dir = work_dir / "char_tokenizer"
