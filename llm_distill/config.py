@@ -91,6 +91,21 @@ class TrainConfig:
     """Weight of the token-level forward KL on the teacher's top-k + tail buckets."""
     ce_weight: float = 1.0
     """Weight of cross-entropy on the teacher's tokens (sequence-level KD). kd_weight=0 trains CE only."""
+    kd_divergences: Optional[dict] = None
+    """Token divergences and their weights inside the KD term (default {forward_kl: 1.0}); any of forward_kl,
+    reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, e.g. {jsd: 1.0} or {forward_kl: 0.5, reverse_kl: 0.5}."""
+    jsd_beta: float = 0.5
+    """β of the generalised JSD (GKD): 0 is forward KL, 1 is reverse KL."""
+    skew_alpha: float = 0.1
+    """α of skew KL / skew reverse KL (DistiLLM): the teacher's (resp. student's) share in the mixture."""
+    kd_temperature: float = 1.0
+    """KD temperature T, applied at train time to both bucket distributions; the KD term is scaled by T²."""
+    kd_topk: Optional[int] = None
+    """Use only the first k of the stored top-k ids (the rest joins the tail bucket exactly); default: all."""
+    renormalized_topk: bool = False
+    """Drop the tail and renormalise the top-k on both sides (biased; only for comparison with other tools)."""
+    loss_chunk_size: int = 1024
+    """Completion positions per vocabulary-projection chunk; 0 computes full logits (more memory)."""
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -128,6 +143,18 @@ class TrainConfig:
                    "train: student_config needs a 'model_type' (e.g. llama, qwen2)")
         _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
         _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")
+        from .losses import DIVERGENCES
+
+        for name, w in (self.kd_divergences or {}).items():
+            _check(name in DIVERGENCES, f"train: unknown divergence '{name}' in kd_divergences; "
+                                        f"choose from {', '.join(DIVERGENCES)}")
+            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
+                   f"train: kd_divergences.{name} must be a weight >= 0")
+        _check(0.0 <= self.jsd_beta <= 1.0, "train: jsd_beta must be in [0, 1]")
+        _check(0.0 <= self.skew_alpha <= 1.0, "train: skew_alpha must be in [0, 1]")
+        _check(self.kd_temperature > 0, "train: kd_temperature must be > 0")
+        _check(self.kd_topk is None or self.kd_topk >= 1, "train: kd_topk must be >= 1")
+        _check(self.loss_chunk_size >= 0, "train: loss_chunk_size must be >= 0 (0 = dense logits)")
         _check(self.learning_rate > 0, "train: learning_rate must be > 0")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"),
                f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")

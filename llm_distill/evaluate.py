@@ -19,10 +19,9 @@ from .config import EvaluateConfig, config_to_dict
 from .data import check_output_dir, encode_prompt, load_prompts, publish, staging_dir, write_run_record
 from .errors import UserError
 from .generate import decode_batch
-from .losses import token_losses
 from .models import (context_length, count_parameters, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
-from .train import collate
+from .train import StudentLoss, check_chunked_head, collate
 
 
 def normalize_answer(text: str) -> str:
@@ -58,14 +57,18 @@ def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
 def teacher_kl(model, tokenizer, examples: list[dict], batch_size: int) -> tuple[float, float]:
     """Mean per-token KL(teacher || student) on the k + 1 buckets and student NLL of the teacher's tokens."""
     vocab = len(tokenizer)
+    try:
+        check_chunked_head(model, vocab, torch.tensor([examples[0]["prompt"]], device=model.device))
+        chunk = 1024
+    except UserError:
+        chunk = 0  # a head that is not a plain projection: use the model's full logits
+    loss = StudentLoss(model, vocab, chunk, kd_weight=1.0, ce_weight=1.0)  # forward KL at T = 1, and NLL
     kd = ce = 0.0
     n = 0
     for s in range(0, len(examples), batch_size):
         b = {k: v.to(model.device) for k, v in collate(examples[s:s + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
-        kd_sum, ce_sum, tokens = token_losses(logits, b["labels"], b["topk_ids"], b["topk_logprobs"],
-                                              b["tail_logprob"], 1.0, 1.0)
-        kd, ce, n = kd + float(kd_sum), ce + float(ce_sum), n + tokens
+        kd_sum, ce_sum = loss(**b)
+        kd, ce, n = kd + float(kd_sum), ce + float(ce_sum), n + int((b["labels"] != -100).sum())
     # KL >= 0; a model compared with itself can land at -1e-8 through float32 rounding.
     return max(kd / max(n, 1), 0.0), ce / max(n, 1)
 

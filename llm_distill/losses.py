@@ -8,20 +8,33 @@ The teacher stores, per completion position, k token ids `I`, their raw logprobs
 
 On buckets every divergence is >= 0 and a lower bound of the full-vocabulary divergence (data processing
 inequality); with k = V the tail is empty and it equals the dense divergence exactly.
+
+Temperature T != 1 is applied to both bucket distributions alike (P_T ∝ P^(1/T), Q_T ∝ Q^(1/T), the tail
+treated as one outcome), because the teacher's tail cannot be re-tempered token by token from what is stored.
+Ratios inside the top-k are exactly those of the full-vocabulary tempered distributions; the tail bucket's
+share is that of a single token of the tail's mass, which is smaller than the true tempered tail when T > 1.
+The loss is scaled by T², as is conventional, so gradients keep their size across temperatures.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+# Teacher logprobs of -inf (vLLM can emit them) are zero-probability buckets; where a divergence divides by
+# the teacher's probability (reverse KL) they are floored here instead of making the loss infinite.
+TEACHER_LOGPROB_FLOOR = -100.0
 
 
 def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student log-probabilities of the teacher's k ids and of the tail bucket.
+    """Student log-probabilities of the teacher's k ids and of the tail bucket, from dense logits.
 
-    logits: (N, V) student logits (any dtype; computed in float32). topk_ids: (N, k) teacher ids.
-    Returns (N, k) logprobs and (N,) tail logprob, both exact: the tail is a logsumexp over the ids
-    outside the top-k, not log(1 - sum), which cancels catastrophically when the top-k holds most mass.
+    logits: (N, V) (any dtype; float32 inside). topk_ids: (N, k). Returns (N, k) and (N,), both exact: the tail
+    is a logsumexp over the ids outside the top-k, not log(1 - sum), which cancels when the top-k holds most mass.
     """
     z = logits.float()  # (N, V)
     lse = z.logsumexp(-1)  # (N,)
@@ -30,38 +43,153 @@ def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch
     return s_topk, rest - lse
 
 
-def _plogp_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """p * (log p - log q) with the 0 * log 0 = 0 convention (teacher -inf entries contribute nothing)."""
+def buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
+    """(N, k) + (N,) -> (N, k + 1) log-probabilities of the bucket distribution."""
+    return torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)
+
+
+def temper(logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Bucket-level temperature: log of P^(1/T) / Z over the last axis (identity at T = 1)."""
+    if temperature == 1.0:
+        return logp
+    return torch.log_softmax(logp / temperature, dim=-1)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) over the last axis with 0 log 0 = 0; P's -inf entries contribute nothing (and no NaN grads)."""
     p = logp.exp()
-    safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
-    return torch.where(p > 0, p * (safe_logp - logq), torch.zeros_like(p))
+    live = p > 0
+    diff = torch.where(live, logp, torch.zeros_like(logp)) - torch.where(live, logq, torch.zeros_like(logq))
+    return (torch.where(live, p * diff, torch.zeros_like(p))).sum(-1)
+
+
+def _mix(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w P + (1 - w) Q), stable; a bucket empty on both sides stays -inf without a NaN gradient."""
+    if w <= 0.0 or w >= 1.0:
+        return logq if w <= 0.0 else logp
+    empty = torch.isneginf(logp) & torch.isneginf(logq)
+    zero = torch.zeros_like(logp)
+    mixed = torch.logaddexp(torch.where(empty, zero, logp) + math.log(w),
+                            torch.where(empty, zero, logq) + math.log1p(-w))
+    return torch.where(empty, torch.full_like(mixed, float("-inf")), mixed)
+
+
+def divergence(name: str, t: torch.Tensor, s: torch.Tensor, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+    """Per-position divergence between teacher buckets `t` and student buckets `s`, both (N, k+1) log-probs.
+
+    forward_kl       KL(P || Q)
+    reverse_kl       KL(Q || P)
+    jsd              beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (GKD's generalised JSD);
+                     beta = 0 is defined as forward KL and beta = 1 as reverse KL, as in GKD/TRL
+    skew_kl          KL(P || alpha P + (1 - alpha) Q)                      (DistiLLM)
+    skew_reverse_kl  KL(Q || (1 - alpha) P + alpha Q)                      (DistiLLM)
+    tvd              1/2 sum |P - Q|
+    """
+    if name == "forward_kl" or (name == "jsd" and beta == 0.0):
+        return _kl(t, s)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return _kl(s, t.clamp(min=TEACHER_LOGPROB_FLOOR))
+    if name == "jsd":
+        m = _mix(t, s, beta)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    if name == "skew_kl":
+        return _kl(t, _mix(t, s, alpha)) if alpha < 1.0 else torch.zeros_like(t[:, 0])
+    if name == "skew_reverse_kl":
+        return _kl(s, _mix(t, s, 1.0 - alpha)) if alpha < 1.0 else torch.zeros_like(t[:, 0])
+    if name == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {name!r}; choose from {', '.join(DIVERGENCES)}")
 
 
 def forward_kl(s_topk: torch.Tensor, s_tail: torch.Tensor, t_topk: torch.Tensor, t_tail: torch.Tensor) -> torch.Tensor:
-    """KL(P_teacher || Q_student) per position on the k + 1 buckets.
-
-    s_topk, t_topk: (N, k) logprobs; s_tail, t_tail: (N,) tail logprobs. Returns (N,) >= 0 (up to rounding).
-    """
-    t_topk, t_tail = t_topk.float(), t_tail.float()
-    # When the teacher tail is empty (k = V) the student tail is too; -inf - -inf must not become NaN.
-    s_tail = torch.where(torch.isinf(t_tail) & torch.isinf(s_tail), torch.zeros_like(s_tail), s_tail)
-    return _plogp_ratio(t_topk, s_topk).sum(-1) + _plogp_ratio(t_tail, s_tail)
+    """KL(P_teacher || Q_student) per position on the k + 1 buckets: (N,)."""
+    return divergence("forward_kl", buckets(t_topk, t_tail), buckets(s_topk, s_tail))
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
                  topk_logprobs: torch.Tensor | None, tail_logprob: torch.Tensor | None,
-                 kd_weight: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Summed KD and CE over the completion positions of a batch (the caller normalises by step tokens).
+                 kd_weight: float, ce_weight: float, **kd_options) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dense reference path: summed KD and CE over the completion positions of a batch of full logits.
 
     logits: (B, T, V); labels: (B, T) with -100 where no completion token is predicted;
     topk_ids / topk_logprobs: (B, T, k); tail_logprob: (B, T). Returns (kd_sum, ce_sum, n_tokens).
     """
     mask = labels != -100  # (B, T)
-    z = logits[mask]  # (N, V): only completion positions are reduced over the vocabulary
+    z = logits[mask]  # (N, V)
     zero = z.sum() * 0.0  # keeps the graph connected when a weight is 0
     ce_sum = F.cross_entropy(z.float(), labels[mask], reduction="sum") if ce_weight > 0 else zero
     kd_sum = zero
     if kd_weight > 0:
         s_topk, s_tail = student_buckets(z, topk_ids[mask])
-        kd_sum = forward_kl(s_topk, s_tail, topk_logprobs[mask], tail_logprob[mask]).sum()
+        kd_sum = kd_per_token(s_topk, s_tail, topk_logprobs[mask], tail_logprob[mask], **kd_options).sum()
     return kd_sum, ce_sum, int(mask.sum())
+
+
+def restrict_topk(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int):
+    """Use only the first k of the stored ids (they are sorted); the dropped ones join the tail, exactly.
+
+    (..., K) ids/logprobs and (...,) tail -> (..., k), (..., k), (...,).
+    """
+    if k >= topk_ids.shape[-1]:
+        return topk_ids, topk_logprobs, tail_logprob
+    dropped = topk_logprobs[..., k:].float().logsumexp(-1)
+    return topk_ids[..., :k], topk_logprobs[..., :k], torch.logaddexp(tail_logprob.float(), dropped)
+
+
+def kd_per_token(s_topk: torch.Tensor, s_tail: torch.Tensor, t_topk: torch.Tensor, t_tail: torch.Tensor, *,
+                 divergences: dict | None = None, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                 renormalized_topk: bool = False) -> torch.Tensor:
+    """The token-level KD term per position: sum of weight * divergence, times T². Returns (N,).
+
+    s_topk, t_topk: (N, k) student/teacher logprobs at the teacher's ids; s_tail, t_tail: (N,).
+    renormalized_topk drops both tails and renormalises the top-k (the biased axolotl / ms-swift way); it exists
+    only so the two can be compared.
+    """
+    if renormalized_topk:
+        t = torch.log_softmax(t_topk.float(), -1)  # (N, k)
+        s = torch.log_softmax(s_topk.float(), -1)  # (N, k)
+    else:
+        t, s = buckets(t_topk, t_tail), buckets(s_topk, s_tail)  # (N, k + 1)
+    t, s = temper(t, temperature), temper(s, temperature)
+    total = torch.zeros_like(s[:, 0])
+    for name, weight in (divergences or {"forward_kl": 1.0}).items():
+        if weight:
+            total = total + weight * divergence(name, t, s, beta=beta, alpha=alpha)
+    return total * temperature ** 2
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor | None, labels: torch.Tensor,
+                    vocab: int, softcap: float | None):
+    z = (h @ weight[:vocab].T).float()  # (c, V): padded embedding rows beyond the tokenizer are dropped
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    lse = z.logsumexp(-1)  # (c,)
+    label_lp = z.gather(-1, labels[:, None]).squeeze(-1) - lse  # (c,)
+    if topk_ids is None:
+        return label_lp, None, None
+    s_topk = z.gather(-1, topk_ids) - lse[:, None]  # (c, k)
+    s_tail = z.scatter(-1, topk_ids, float("-inf")).logsumexp(-1) - lse  # (c,)
+    return label_lp, s_topk, s_tail
+
+
+def student_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     topk_ids: torch.Tensor | None, vocab: int, chunk_size: int = 1024, softcap: float | None = None):
+    """Student logprobs from final hidden states, never holding more than one (chunk, V) block of logits.
+
+    hidden: (N, d) at completion positions only; weight: (V', d) the output projection (V' >= vocab);
+    labels: (N,); topk_ids: (N, k) or None. Returns label logprobs (N,), top-k logprobs (N, k) and tail (N,)
+    (the last two None without topk_ids). Each chunk is recomputed in the backward pass (activation
+    checkpointing), so peak memory is O(chunk_size * V) instead of O(N * V).
+    """
+    outs = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[i:i + chunk_size], weight, None if topk_ids is None else topk_ids[i:i + chunk_size],
+                labels[i:i + chunk_size], vocab, softcap)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(*args))
+    label_lp = torch.cat([o[0] for o in outs])
+    if topk_ids is None:
+        return label_lp, None, None
+    return label_lp, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])

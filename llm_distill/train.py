@@ -22,7 +22,7 @@ import torch
 from .config import TrainConfig, config_to_dict
 from .data import check_output_dir, encode_prompt, read_provenance, write_run_record
 from .errors import UserError
-from .losses import token_losses
+from .losses import kd_per_token, restrict_topk, student_logprobs, token_losses
 from .models import context_length, count_parameters, load_tokenizer, tokenizer_hash
 
 
@@ -93,6 +93,56 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     if with_topk:
         batch.update(topk_ids=topk_ids, topk_logprobs=topk_lp, tail_logprob=tail)
     return batch
+
+
+class StudentLoss(torch.nn.Module):
+    """The student and its token losses in one forward, so that DDP (or any wrapper) sees a single call.
+
+    With chunk_size > 0 only completion positions reach the vocabulary projection, chunk by chunk
+    (`losses.student_logprobs`); with 0 the model's own full logits are used (the dense reference).
+    forward(batch) -> (kd_sum, ce_sum): sums over the batch's completion tokens; the caller normalises.
+    """
+
+    def __init__(self, model, vocab: int, chunk_size: int, kd_weight: float, ce_weight: float,
+                 kd_topk: int | None = None, **kd_options):
+        super().__init__()
+        self.model, self.vocab, self.chunk_size = model, vocab, chunk_size
+        self.kd_weight, self.ce_weight, self.kd_topk, self.kd_options = kd_weight, ce_weight, kd_topk, kd_options
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail_logprob=None):
+        kd = self.kd_weight > 0
+        if kd and self.kd_topk:
+            topk_ids, topk_logprobs, tail_logprob = restrict_topk(topk_ids, topk_logprobs, tail_logprob, self.kd_topk)
+        if not self.chunk_size:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :self.vocab]
+            kd_sum, ce_sum, _ = token_losses(logits, labels, topk_ids, topk_logprobs, tail_logprob,
+                                             self.kd_weight, self.ce_weight, **self.kd_options)
+            return kd_sum, ce_sum
+        mask = labels != -100  # (B, T)
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = hidden[mask]  # (N, d): prompt positions never reach the vocabulary projection
+        weight = self.model.get_output_embeddings().weight  # (V', d)
+        label_lp, s_topk, s_tail = student_logprobs(h, weight, labels[mask], topk_ids[mask] if kd else None,
+                                                    self.vocab, self.chunk_size, self.softcap)
+        ce_sum = -label_lp.sum() if self.ce_weight > 0 else label_lp.sum() * 0.0
+        kd_sum = kd_per_token(s_topk, s_tail, topk_logprobs[mask], tail_logprob[mask],
+                              **self.kd_options).sum() if kd else label_lp.sum() * 0.0
+        return kd_sum, ce_sum
+
+
+def check_chunked_head(model, vocab: int, input_ids: torch.Tensor) -> None:
+    """The chunked path rebuilds logits as hidden @ W^T; refuse models whose head does more (scales, biases)."""
+    with torch.no_grad():
+        ref = model(input_ids=input_ids[:1, :8]).logits[0, :, :vocab].float()
+        h = model.get_decoder()(input_ids=input_ids[:1, :8]).last_hidden_state[0]
+        z = (h @ model.get_output_embeddings().weight[:vocab].T).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            z = cap * torch.tanh(z / cap)
+    if not torch.allclose(z, ref, atol=1e-3, rtol=1e-3):
+        raise UserError(f"train: this model's output head is not a plain linear projection "
+                        f"({type(model).__name__}); set loss_chunk_size=0 to use its full logits")
 
 
 def build_student(cfg: TrainConfig, tokenizer):
@@ -195,8 +245,13 @@ def main(cfg: TrainConfig) -> str:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     vocab = len(tokenizer)  # padded embedding rows beyond the tokenizer get no probability
+    if cfg.loss_chunk_size:
+        check_chunked_head(model, vocab, torch.tensor([rows[0]["prompt"]]))
+    step_loss = StudentLoss(model, vocab, cfg.loss_chunk_size, cfg.kd_weight, cfg.ce_weight, cfg.kd_topk,
+                            divergences=cfg.kd_divergences, temperature=cfg.kd_temperature, beta=cfg.jsd_beta,
+                            alpha=cfg.skew_alpha, renormalized_topk=cfg.renormalized_topk)
+    step_loss, optimizer, loader = accelerator.prepare(step_loss, optimizer, loader)
 
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
@@ -207,7 +262,7 @@ def main(cfg: TrainConfig) -> str:
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
               f"{accelerator.num_processes} process(es)")
     metrics_file = out / "metrics.jsonl"
-    model.train()
+    step_loss.train()
     data = _infinite(loader)
     bar = tqdm(total=cfg.max_steps, desc="train", disable=not accelerator.is_main_process)
     window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "t0": time.perf_counter()}
@@ -218,11 +273,9 @@ def main(cfg: TrainConfig) -> str:
         kd_step = ce_step = torch.zeros((), device=accelerator.device)
         for i, b in enumerate(micro):
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(step_loss)
             with sync:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
-                kd_sum, ce_sum, _ = token_losses(logits, b["labels"], b.get("topk_ids"), b.get("topk_logprobs"),
-                                                 b.get("tail_logprob"), cfg.kd_weight, cfg.ce_weight)
+                kd_sum, ce_sum = step_loss(**b)
                 # x num_processes undoes DDP's gradient averaging: the gradient is that of the global token mean.
                 loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) * accelerator.num_processes / max(step_tokens, 1)
                 accelerator.backward(loss)
@@ -230,7 +283,7 @@ def main(cfg: TrainConfig) -> str:
             ce_step = ce_step + ce_sum.detach()
             window["seen"] += int(b["attention_mask"].sum())
         if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(step_loss.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -258,11 +311,11 @@ def main(cfg: TrainConfig) -> str:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_student(accelerator.unwrap_model(model), tokenizer, out / "checkpoints" / f"step-{step:06d}")
+                save_student(accelerator.unwrap_model(step_loss).model, tokenizer, out / "checkpoints" / f"step-{step:06d}")
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(model), tokenizer, out)
+        save_student(accelerator.unwrap_model(step_loss).model, tokenizer, out)
         print(f"train: saved student -> {out}")
     accelerator.end_training()
     return str(out)

@@ -100,3 +100,38 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+
+
+def test_chunked_loss_trains_like_dense_logits(teacher_data, tmp_path):
+    """The chunked vocabulary projection (default) and the model's full logits give the same training run."""
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "micro_batch_size=4", "learning_rate=1e-2",
+              "lr_scheduler=constant", "log_every=1", "kd_divergences={jsd: 1.0, tvd: 0.5}", "kd_temperature=2.0"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'dense'}", "loss_chunk_size=0")
+    run_cli("train", *common, f"output_dir={tmp_path / 'chunked'}", "loss_chunk_size=7")
+    a, b = _weights(tmp_path / "dense"), _weights(tmp_path / "chunked")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_padded_student_vocabulary_and_smaller_k(teacher_data, tmp_path):
+    """A student whose embedding is padded beyond the tokenizer (as Qwen's are) trains; kd_topk < stored k works."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "padded"
+    run_cli("train", f"dataset={teacher_data}", f"output_dir={out}", *STUDENT_CONFIG, "student_config.vocab_size=100",
+            "max_steps=2", "micro_batch_size=4", "kd_topk=3", "kd_divergences={reverse_kl: 1.0}")
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == 100
+
+
+def test_nan_teacher_logprobs_are_rejected(teacher_data, tmp_path):
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(teacher_data))
+    bad = ds.map(lambda r, i: {"topk_logprobs": [[float("nan")] * len(r["topk_logprobs"][0])] + r["topk_logprobs"][1:]}
+                 if i == 0 else {}, with_indices=True)
+    path = tmp_path / "bad"
+    bad.save_to_disk(str(path))
+    (path / "provenance.json").write_text((teacher_data / "provenance.json").read_text())
+    proc = run_cli("train", f"dataset={path}", f"output_dir={tmp_path / 'o'}", *STUDENT_CONFIG, "max_steps=20",
+                   "micro_batch_size=24", check=False)
+    assert proc.returncode == 2 and "teacher logprobs contain NaN" in proc.stderr, proc.stderr[-500:]
