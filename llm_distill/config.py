@@ -104,7 +104,7 @@ class TrainConfig:
     """Use only the first k of the stored top-k ids (the rest joins the tail bucket exactly); default: all."""
     renormalized_topk: bool = False
     """Drop the tail and renormalise the top-k on both sides (biased; only for comparison with other tools)."""
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
     """Completion positions per vocabulary-projection chunk; 0 computes full logits (more memory)."""
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""

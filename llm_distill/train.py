@@ -64,34 +64,46 @@ class TeacherRows(torch.utils.data.Dataset):
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad prompt + completion; label position t-1 with completion token t; align the teacher's top-k."""
+    """Right-pad prompt + completion; label position t-1 with completion token t; align the teacher's top-k.
+
+    Builds each tensor once for the whole batch (one torch.tensor call per field), which keeps the KD batch's
+    extra top-k data cheap to assemble.
+    """
     T = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
     B = len(examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
+    ids, mask, labels = [], [], []
     with_topk = "topk_ids" in examples[0]
-    if with_topk:
-        k = len(examples[0]["topk_ids"][0]) if examples[0]["topk_ids"] else 1
-        topk_ids = torch.zeros((B, T, k), dtype=torch.long)  # (B, T, k)
-        topk_lp = torch.zeros((B, T, k), dtype=torch.float32)  # (B, T, k)
-        tail = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    pos_b, pos_t, top_ids, top_lp, tails = [], [], [], [], []
     for b, e in enumerate(examples):
         p, c = len(e["prompt"]), len(e["completion"])
-        input_ids[b, :p + c] = torch.tensor(e["prompt"] + e["completion"])
-        attention_mask[b, :p + c] = 1
+        pad = T - p - c
+        ids.append(e["prompt"] + e["completion"] + [pad_id] * pad)
+        mask.append([1] * (p + c) + [0] * pad)
         # Logits at position j predict token j + 1: completion token t sits at p + t, so it is predicted at p + t - 1.
-        labels[b, p - 1:p + c - 1] = torch.tensor(e["completion"])
+        labels.append([-100] * (p - 1) + e["completion"] + [-100] * (pad + 1))
         if with_topk and c:
-            lp = torch.tensor(e["topk_logprobs"], dtype=torch.float32)  # (c, k)
-            if torch.isnan(lp).any() or torch.isnan(torch.tensor(e["tail"])).any():
-                raise UserError(f"dataset row {e['id']!r}: teacher logprobs contain NaN; regenerate that row")
-            topk_ids[b, p - 1:p + c - 1] = torch.tensor(e["topk_ids"])
-            topk_lp[b, p - 1:p + c - 1] = lp
-            tail[b, p - 1:p + c - 1] = torch.tensor(e["tail"], dtype=torch.float32)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            pos_b += [b] * c
+            pos_t += range(p - 1, p + c - 1)
+            top_ids += e["topk_ids"]
+            top_lp += e["topk_logprobs"]
+            tails += e["tail"]
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
+             "labels": torch.tensor(labels, dtype=torch.long)}
     if with_topk:
-        batch.update(topk_ids=topk_ids, topk_logprobs=topk_lp, tail_logprob=tail)
+        k = len(top_ids[0]) if top_ids else 1
+        lp = torch.tensor(top_lp, dtype=torch.float32).view(-1, k)  # (M, k) over all completion positions
+        tail = torch.tensor(tails, dtype=torch.float32)  # (M,)
+        bad = torch.isnan(lp).any(-1) | torch.isnan(tail)
+        if bool(bad.any()):
+            row = examples[pos_b[int(bad.nonzero()[0])]]
+            raise UserError(f"dataset row {row.get('id')!r}: teacher logprobs contain NaN; regenerate that row")
+        bi, ti = torch.tensor(pos_b, dtype=torch.long), torch.tensor(pos_t, dtype=torch.long)
+        batch["topk_ids"] = torch.zeros((B, T, k), dtype=torch.long)  # (B, T, k)
+        batch["topk_logprobs"] = torch.zeros((B, T, k), dtype=torch.float32)  # (B, T, k)
+        batch["tail_logprob"] = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+        batch["topk_ids"][bi, ti] = torch.tensor(top_ids, dtype=torch.long).view(-1, k)
+        batch["topk_logprobs"][bi, ti] = lp
+        batch["tail_logprob"][bi, ti] = tail
     return batch
 
 
