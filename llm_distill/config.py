@@ -180,7 +180,26 @@ class EvaluateConfig:
     students: dict = field(default_factory=dict)
     """Models to compare, `name: path` (students, baselines)."""
     max_new_tokens: int = 64
-    """Greedy generation length limit."""
+    """Generation length limit."""
+    temperature: float = 0.0
+    """0: greedy, one run per model. > 0: sample once per seed in `seeds` and average (MiniLLM: T=1, 5 seeds)."""
+    top_p: float = 1.0
+    """Nucleus threshold when sampling."""
+    seeds: list = field(default_factory=lambda: [0])
+    """Sampling seeds (used when temperature > 0)."""
+    normalization: str = "whitespace"
+    """Exact-match normalisation: `whitespace` (collapse), `lower` (also case-fold), `number` (compare the last
+    number in the text); `task_normalization` can override it per task type."""
+    task_normalization: dict = field(default_factory=dict)
+    """Per-task normalisation, e.g. {add: number}; keys are the prompts' `task` values."""
+    bootstrap: int = 1000
+    """Bootstrap resamples over prompts for the 95% confidence intervals (0 disables them)."""
+    latency_prompts: int = 8
+    """Prompts timed one at a time (batch 1) for the per-prompt latency (0 skips it)."""
+    train_prompts: Optional[str] = None
+    """Training prompts (JSONL, or a teacher dataset directory) to check the held-out set against."""
+    plot: bool = True
+    """Write `report.png`: quality against parameters and against generation speed."""
     logprobs: int = 20
     """k of the teacher top-k used for KL(teacher || student) on the teacher's held-out answers."""
     batch_size: int = 32
@@ -200,6 +219,14 @@ class EvaluateConfig:
         _check(isinstance(self.students, dict), "evaluate: 'students' must be a mapping name: path")
         _check(bool(self.teacher) or bool(self.students), "evaluate: give a 'teacher' and/or 'students'")
         _check(self.max_new_tokens >= 1, "evaluate: max_new_tokens must be >= 1")
+        _check(self.temperature >= 0, "evaluate: temperature must be >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "evaluate: top_p must be in (0, 1]")
+        _check(isinstance(self.seeds, list) and len(self.seeds) >= 1 and all(isinstance(x, int) for x in self.seeds),
+               "evaluate: seeds must be a non-empty list of integers, e.g. seeds=[0,1,2,3,4]")
+        for mode in [self.normalization, *self.task_normalization.values()]:
+            _check(mode in ("whitespace", "lower", "number"),
+                   f"evaluate: normalization '{mode}' is not one of whitespace, lower, number")
+        _check(self.bootstrap >= 0 and self.latency_prompts >= 0, "evaluate: bootstrap and latency_prompts must be >= 0")
         _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
         _check(self.batch_size >= 1, "evaluate: batch_size must be >= 1")
         _check(self.limit is None or self.limit >= 1, "evaluate: limit must be >= 1")

@@ -49,7 +49,7 @@ def _validate_record(rec, where: str, index: int) -> Prompt:
                   reference=ref, where=where, task=rec.get("task"))
 
 
-def load_prompts(path: str, limit: Optional[int] = None) -> list[Prompt]:
+def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = False) -> list[Prompt]:
     """Read and validate chat prompts from JSONL or a `save_to_disk` directory."""
     p = Path(path)
     if not p.exists():
@@ -79,7 +79,7 @@ def load_prompts(path: str, limit: Optional[int] = None) -> list[Prompt]:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                                     "each line must be one JSON object") from None
                 prompts.append(_validate_record(rec, f"{path}:{lineno}", len(prompts)))
-    if not prompts:
+    if not prompts and not allow_empty:
         raise UserError(f"{path}: no prompts found")
     seen: dict[str, str] = {}
     for pr in prompts:

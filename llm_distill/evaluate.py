@@ -2,14 +2,19 @@
 
     llm-distill evaluate recipes/tiny/evaluate.yaml students.kd=runs/quickstart/kd-seed0
 
-Every model answers greedily. Metrics per model: exact match against references (where the prompts have them),
-ROUGE-L F1 and exact agreement against the teacher's answers, mean token KL(teacher || student) and NLL of the
-teacher's held-out completions (same tokenizer only), parameters, and generation tokens/s.
+Every model (full directory or LoRA adapter) answers every prompt, greedily or sampled over several seeds.
+Per model: exact match against references (normalised per task type) and ROUGE-L F1 against references and
+against the teacher's answers (`rouge-score`), agreement with the teacher, mean token KL(teacher || student) and
+NLL of the teacher's held-out completions (same tokenizer only), parameters, size on disk, generation tokens/s
+and per-prompt latency; 95% bootstrap intervals over prompts. Writes report.json, report.md, report.png
+(quality vs size and speed) and examples.jsonl (every answer side by side).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 
@@ -24,9 +29,14 @@ from .models import (context_length, count_parameters, eos_ids, load_model, load
 from .train import StudentLoss, check_chunked_head, collate
 
 
-def normalize_answer(text: str) -> str:
-    """Exact-match normalisation: surrounding and repeated whitespace do not count."""
-    return " ".join(text.split())
+def normalize_answer(text: str, mode: str = "whitespace") -> str:
+    """Exact-match normalisation: `whitespace` collapses spaces, `lower` also case-folds, `number` keeps the last
+    number in the text (so "The answer is 1,234." matches "1234")."""
+    if mode == "number":
+        nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+        return nums[-1] if nums else ""
+    out = " ".join(text.split())
+    return out.lower() if mode == "lower" else out
 
 
 def rouge_l(targets: list[str], predictions: list[str]) -> list[float]:
@@ -36,21 +46,80 @@ def rouge_l(targets: list[str], predictions: list[str]) -> list[float]:
     return [scorer.score(t, p)["rougeL"].fmeasure for t, p in zip(targets, predictions)]
 
 
-def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int):
-    """Greedy completions for every prompt (batched, longest first) and the generation throughput."""
+def bootstrap_ci(values: list[float], resamples: int, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the mean over prompts, resampling prompts with replacement."""
+    import numpy as np
+
+    if resamples == 0 or len(values) < 2:
+        return None
+    x = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    means = x[idx].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def answer_all(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    """Completions for every prompt (batched, longest first) and the generation throughput."""
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results = [None] * len(prompt_ids)
     stop = eos_ids(model, tokenizer)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     t0, n_tokens = time.perf_counter(), 0
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         outs = decode_batch(model, [prompt_ids[i] for i in idx], pad_id=tokenizer.pad_token_id, stop_ids=stop,
-                            vocab_size=len(tokenizer), max_new_tokens=max_new_tokens, k=k)
+                            vocab_size=len(tokenizer), max_new_tokens=max_new_tokens, k=k, temperature=temperature,
+                            top_p=top_p, generator=generator)
         for i, c in zip(idx, outs):
             results[i] = c
             n_tokens += len(c.token_ids)
     elapsed = time.perf_counter() - t0
     return results, n_tokens, elapsed
+
+
+def latency(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> float:
+    """Median seconds to answer one prompt on its own (batch 1, greedy)."""
+    stop = eos_ids(model, tokenizer)
+    times = []
+    for p in prompt_ids:
+        t0 = time.perf_counter()
+        decode_batch(model, [p], pad_id=tokenizer.pad_token_id, stop_ids=stop, vocab_size=len(tokenizer),
+                     max_new_tokens=max_new_tokens, k=1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def load_for_eval(path: str, device, dtype):
+    """A full model directory, or a PEFT/LoRA adapter directory (merged into its base for evaluation).
+
+    Returns (model, tokenizer, info) where info records the adapter and the bytes on disk of what was given.
+    """
+    p = Path(path)
+    info = {"adapter": False}
+    if (p / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
+        info = {"adapter": True, "trainable_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)}
+        model = model.merge_and_unload().to(device).eval()
+        tok_path = path if (p / "tokenizer_config.json").is_file() else model.config._name_or_path
+        tokenizer = load_tokenizer(tok_path)
+    else:
+        tokenizer, model = load_tokenizer(path), load_model(path, device, dtype)
+    if p.is_dir():
+        info["disk_bytes"] = sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return model, tokenizer, info
+
+
+def contamination(held_out, train_path: str) -> list[str]:
+    """Ids of held-out prompts whose conversation also appears among the training prompts."""
+    key = lambda msgs: json.dumps([(m["role"], " ".join(m["content"].split())) for m in msgs])  # noqa: E731
+    seen = {key(p.messages) for p in load_prompts(train_path)}
+    return [p.id for p in held_out if key(p.messages) in seen]
 
 
 @torch.no_grad()
@@ -73,39 +142,100 @@ def teacher_kl(model, tokenizer, examples: list[dict], batch_size: int) -> tuple
     return max(kd / max(n, 1), 0.0), ce / max(n, 1)
 
 
+COLUMNS = [("params", "params", "{:,}"), ("disk_mb", "MB on disk", "{:.1f}"),
+           ("exact_match", "exact match [95% CI]", "{:.1%}"), ("rouge_l_vs_reference", "ROUGE-L vs ref", "{:.3f}"),
+           ("rouge_l_vs_teacher", "ROUGE-L vs teacher", "{:.3f}"), ("agreement", "agrees w/ teacher", "{:.1%}"),
+           ("kl", "KL(T‖S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"), ("tokens_per_s", "gen tok/s", "{:.0f}"),
+           ("latency_s", "latency/prompt", "{:.3f}s")]
+
+
 def markdown_table(report: dict) -> str:
-    cols = [("params", "params", "{:,}"), ("exact_match", "exact match", "{:.1%}"),
-            ("rouge_l_vs_teacher", "ROUGE-L vs teacher", "{:.3f}"), ("agreement", "agrees w/ teacher", "{:.1%}"),
-            ("kl", "KL(T||S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"),
-            ("tokens_per_s", "gen tok/s", "{:.0f}")]
+    cols = [c for c in COLUMNS if any(m.get(c[0]) is not None for m in report["models"].values())]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in report["models"].items():
-        cells = [fmt.format(m[key]) if m.get(key) is not None else "n/a" for key, _, fmt in cols]
+        cells = []
+        for key, _, fmt in cols:
+            cell = fmt.format(m[key]) if m.get(key) is not None else "n/a"
+            if m.get(f"{key}_ci"):
+                cell += " [" + ", ".join(fmt.format(v) for v in m[f"{key}_ci"]) + "]"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Quality against parameters and against generation speed, one point per model, 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "exact_match" if any("exact_match" in m for m in report["models"].values()) else "rouge_l_vs_teacher"
+    models = {n: m for n, m in report["models"].items() if m.get(key) is not None}
+    if not models:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, xkey, xlabel in ((axes[0], "params", "parameters"), (axes[1], "tokens_per_s", "generation tokens/s")):
+        for name, m in models.items():
+            ci = m.get(f"{key}_ci") or [m[key], m[key]]
+            ax.errorbar(m[xkey], m[key], yerr=[[m[key] - ci[0]], [ci[1] - m[key]]], fmt="o", capsize=3)
+            ax.annotate(name, (m[xkey], m[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['prompts']} ({report['num_prompts']} prompts)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _per_prompt(runs: list[list[float]]) -> list[float]:
+    """Average each prompt's score over sampling runs: (runs, prompts) -> (prompts,)."""
+    return [sum(col) / len(col) for col in zip(*runs)]
+
+
 def main(cfg: EvaluateConfig) -> dict:
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts = load_prompts(cfg.prompts, cfg.limit, allow_empty=True)
     check_output_dir(cfg.output_dir, "evaluate", config_to_dict(cfg), cfg.overwrite)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     refs = [p.reference for p in prompts]
-    has_refs = all(r is not None for r in refs)
+    has_refs = bool(prompts) and all(r is not None for r in refs)
     models = ([("teacher", cfg.teacher)] if cfg.teacher else []) + list(cfg.students.items())
     for name, path in models:  # fail before any work on a missing model
         if not isinstance(path, str) or not path:
             raise UserError(f"evaluate: model '{name}' needs a path")
-        load_tokenizer(path)
-
-    report = {"prompts": cfg.prompts, "num_prompts": len(prompts), "models": {}, "notes": []}
-    if not has_refs:
-        report["notes"].append("prompts have no (or only some) references: exact match not computed")
+        if not (Path(path) / "adapter_config.json").is_file():
+            load_tokenizer(path)
+    seeds = cfg.seeds if cfg.temperature > 0 else [0]
+    protocol = "greedy" if cfg.temperature == 0 else f"T={cfg.temperature}, top_p={cfg.top_p}, seeds {seeds}"
+    report = {"prompts": cfg.prompts, "num_prompts": len(prompts), "protocol": protocol, "models": {}, "notes": []}
+    if not prompts:
+        report["notes"].append("the held-out set is empty: only size metrics are reported")
+    elif not has_refs:
+        report["notes"].append("prompts have no (or only some) references: exact match and ROUGE-L vs reference "
+                               "not computed")
+    if cfg.train_prompts and prompts:
+        leaked = contamination(prompts, cfg.train_prompts)
+        report["contaminated_ids"] = leaked
+        if leaked:
+            report["notes"].append(f"contamination: {len(leaked)} of {len(prompts)} held-out prompts also appear in "
+                                   f"{cfg.train_prompts} (ids in report.json: contaminated_ids)")
+            print(f"evaluate: warning: {len(leaked)} held-out prompts also appear in the training prompts")
+    modes = [cfg.task_normalization.get(p.task, cfg.normalization) for p in prompts]
     answers: dict[str, list[str]] = {}
     teacher_examples, teacher_hash = None, None
     for name, path in models:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, device, dtype)
+        model, tokenizer, info = load_for_eval(path, device, dtype)
+        m = {"path": path, "params": count_parameters(model)}
+        if "disk_bytes" in info:
+            m["disk_mb"] = info["disk_bytes"] / 2**20
+        if info["adapter"]:
+            m["adapter_trainable_params"] = info["trainable_params"]
+        report["models"][name] = m
+        if not prompts:
+            continue
         ctx = context_length(model)
         ids = []
         for p in prompts:
@@ -114,48 +244,63 @@ def main(cfg: EvaluateConfig) -> dict:
                 raise UserError(f"{p.where}: prompt {p.id!r} has {len(enc)} tokens; with max_new_tokens="
                                 f"{cfg.max_new_tokens} it exceeds {name}'s context of {ctx}")
             ids.append(enc)
-        is_teacher = name == "teacher" and cfg.teacher
-        outs, n_tokens, elapsed = greedy_answers(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
-                                                 cfg.logprobs if is_teacher else 1)
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
-        answers[name] = texts
-        m = {"path": path, "params": count_parameters(model), "tokens_per_s": n_tokens / max(elapsed, 1e-9),
-             "seconds": elapsed, "mean_completion_tokens": n_tokens / len(prompts)}
+        is_teacher = name == "teacher" and bool(cfg.teacher)
+        runs, n_tokens, elapsed, first_outs = [], 0, 0.0, None
+        for seed in seeds:
+            outs, n, secs = answer_all(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
+                                       cfg.logprobs if is_teacher else 1, cfg.temperature, cfg.top_p, seed)
+            first_outs = first_outs or outs
+            runs.append([tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs])
+            n_tokens, elapsed = n_tokens + n, elapsed + secs
+        answers[name] = runs[0]
+        m.update(tokens_per_s=n_tokens / max(elapsed, 1e-9), mean_completion_tokens=n_tokens / len(prompts) / len(runs))
+        if cfg.latency_prompts:
+            m["latency_s"] = latency(model, tokenizer, ids[:cfg.latency_prompts], cfg.max_new_tokens)
+        scores: dict[str, list[float]] = {}
         if has_refs:
-            hits = [normalize_answer(t) == normalize_answer(r) for t, r in zip(texts, refs)]
-            m["exact_match"] = sum(hits) / len(hits)
-            by_task: dict[str, list[bool]] = {}
-            for p, h in zip(prompts, hits):
-                by_task.setdefault(p.task or "all", []).append(h)
+            scores["exact_match"] = _per_prompt([[float(normalize_answer(t, md) == normalize_answer(r, md))
+                                                  for t, r, md in zip(texts, refs, modes)] for texts in runs])
+            scores["rouge_l_vs_reference"] = _per_prompt([rouge_l(refs, texts) for texts in runs])
+        if cfg.teacher:
+            scores["rouge_l_vs_teacher"] = _per_prompt([rouge_l(answers["teacher"], texts) for texts in runs])
+            scores["agreement"] = _per_prompt([[float(normalize_answer(a, md) == normalize_answer(b, md))
+                                                for a, b, md in zip(answers["teacher"], texts, modes)]
+                                               for texts in runs])
+        for key, vals in scores.items():
+            m[key] = sum(vals) / len(vals)
+            m[f"{key}_ci"] = bootstrap_ci(vals, cfg.bootstrap)
+        if "exact_match" in scores:
+            by_task: dict[str, list[float]] = {}
+            for p, v in zip(prompts, scores["exact_match"]):
+                by_task.setdefault(p.task or "all", []).append(v)
             m["exact_match_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
         if is_teacher:
             teacher_hash = tokenizer_hash(tokenizer)
             teacher_examples = [{"prompt": pid, "completion": c.token_ids, "topk_ids": c.topk_ids.tolist(),
                                  "topk_logprobs": c.topk_logprobs.tolist(), "tail": c.tail_logprob.tolist(),
-                                 "id": p.id} for pid, c, p in zip(ids, outs, prompts) if c.token_ids]
-        if cfg.teacher:
-            m["rouge_l_vs_teacher"] = sum(rouge_l(answers["teacher"], texts)) / len(texts)
-            m["agreement"] = sum(normalize_answer(a) == normalize_answer(b)
-                                 for a, b in zip(answers["teacher"], texts)) / len(texts)
-            if teacher_examples and tokenizer_hash(tokenizer) == teacher_hash:
-                m["kl"], m["nll"] = teacher_kl(model, tokenizer, teacher_examples, cfg.batch_size)
-            else:
-                report["notes"].append(f"{name}: tokenizer differs from the teacher's, KL/NLL not computed")
-        report["models"][name] = m
-        print(f"evaluate: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
-                                                if isinstance(v, float)))
+                                 "id": p.id} for pid, c, p in zip(ids, first_outs, prompts) if c.token_ids]
+        if teacher_examples and tokenizer_hash(tokenizer) == teacher_hash:
+            m["kl"], m["nll"] = teacher_kl(model, tokenizer, teacher_examples, cfg.batch_size)
+        elif cfg.teacher:
+            report["notes"].append(f"{name}: tokenizer differs from the teacher's; compared at the text level only "
+                                   "(KL/NLL not computed)")
+        print(f"evaluate: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
         del model
 
     tmp = staging_dir(cfg.output_dir)
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(report)
     notes = "".join(f"\n- {n}" for n in report["notes"])
-    (tmp / "report.md").write_text(f"# Evaluation on {cfg.prompts} ({len(prompts)} prompts)\n\n{table}\n{notes}\n")
+    (tmp / "report.md").write_text(f"# Evaluation on {cfg.prompts} ({len(prompts)} prompts, {protocol})\n\n"
+                                   f"{table}\n{notes}\n" + ("\n![quality vs size and speed](report.png)\n"
+                                                             if cfg.plot and prompts else ""))
     with (tmp / "examples.jsonl").open("w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"id": p.id, "task": p.task, "prompt": p.messages[-1]["content"],
                                 "reference": p.reference, **{n: answers[n][i] for n in answers}}) + "\n")
+    if cfg.plot and prompts:
+        plot(report, tmp / "report.png")
     write_run_record(tmp, "evaluate", config_to_dict(cfg))
     publish(tmp, cfg.output_dir)
-    print(table)
+    print(table + notes)
     return report

@@ -10,6 +10,8 @@ from llm_distill.evaluate import normalize_answer, rouge_l
 
 def test_answer_normalisation_and_rouge():
     assert normalize_answer("  12 \n") == "12" and normalize_answer("a  b") == "a b"
+    assert normalize_answer("The answer is 1,234.", "number") == "1234" and normalize_answer("none", "number") == ""
+    assert normalize_answer(" Paris ", "lower") == "paris"
     assert rouge_l(["the cat sat"], ["the cat sat"]) == [1.0]
     assert rouge_l(["a b c d"], ["a b x y"])[0] == pytest.approx(0.5)
     assert rouge_l(["abc"], ["xyz"]) == [0.0]
@@ -56,4 +58,49 @@ def test_without_references_degrades(tiny_teacher, tmp_path):
     run_cli("evaluate", f"prompts={f}", f"teacher={tiny_teacher}", f"output_dir={out}", "max_new_tokens=4")
     report = json.loads((out / "report.json").read_text())
     assert "exact_match" not in report["models"]["teacher"]
-    assert any("exact match not computed" in n for n in report["notes"])
+    assert any("exact match and ROUGE-L vs reference not computed" in n for n in report["notes"])
+
+
+def test_bootstrap_interval():
+    from llm_distill.evaluate import bootstrap_ci
+
+    assert bootstrap_ci([1.0] * 50, 200) == [1.0, 1.0]
+    lo, hi = bootstrap_ci([0.0, 1.0] * 100, 1000)
+    assert lo < 0.5 < hi and hi - lo < 0.2
+    assert bootstrap_ci([1.0, 0.0], 0) is None
+
+
+def test_lora_adapter_sampling_contamination_and_plot(tiny_teacher, known_prompts, tmp_path):
+    """A freshly initialised LoRA adapter (B = 0) is the base model: KL 0, full agreement. Sampling over two
+    seeds, a contamination check and the PNG plot all come out of one run."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(adapter)
+    train = write_lines(tmp_path / "train.jsonl", [json.loads(l) for l in known_prompts.read_text().splitlines()[:3]])
+    out = tmp_path / "eval"
+    run_cli("evaluate", f"prompts={known_prompts}", f"teacher={tiny_teacher}", f"students.lora={adapter}",
+            f"output_dir={out}", "max_new_tokens=8", "temperature=1.0", "seeds=[0,1]", f"train_prompts={train}",
+            "bootstrap=200", "latency_prompts=2")
+    report = json.loads((out / "report.json").read_text())
+    lora, teacher = report["models"]["lora"], report["models"]["teacher"]
+    assert lora["params"] == teacher["params"] and lora["adapter_trainable_params"] > 0
+    assert lora["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert lora["exact_match"] == pytest.approx(teacher["exact_match"]), "same model, same seeds, same samples"
+    assert len(lora["exact_match_ci"]) == 2 and lora["latency_s"] > 0
+    assert report["contaminated_ids"] == ["k0", "k1", "k2"] and any("contamination" in n for n in report["notes"])
+    assert "seeds [0, 1]" in report["protocol"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_heldout_set_reports_sizes_only(tiny_teacher, tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    out = tmp_path / "eval"
+    run_cli("evaluate", f"prompts={f}", f"teacher={tiny_teacher}", f"output_dir={out}")
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["teacher"]["params"] > 0 and "exact_match" not in report["models"]["teacher"]
+    assert any("empty" in n for n in report["notes"])
