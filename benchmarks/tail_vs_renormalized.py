@@ -26,7 +26,7 @@ def main(k: int = 5, seeds=(0, 1, 2)) -> None:
         for variant, renorm in (("tail", False), ("renormalized", True)):
             out = OUT / f"{variant}-k{k}-seed{seed}"
             train.main(load_config(TrainConfig, str(ROOT / "recipes/tiny/train_kd.yaml"), values_={
-                "dataset": str(data), "output_dir": str(out), "seed": seed, "kd_topk": k,
+                "dataset": str(data), "output_dir": str(out), "seed": seed, "kd_topk": k, "max_steps": 1500,
                 "renormalized_topk": renorm, "overwrite": True}))
             students[f"{variant}-seed{seed}"] = str(out)
     ev = load_config(EvaluateConfig, str(ROOT / "recipes/tiny/evaluate.yaml"), values_={

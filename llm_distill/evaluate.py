@@ -166,6 +166,7 @@ def markdown_table(report: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """Quality against parameters and against generation speed, one point per model, 95% CI bars."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -181,6 +182,7 @@ def plot(report: dict, path: Path) -> None:
             ax.errorbar(m[xkey], m[key], yerr=[[m[key] - ci[0]], [ci[1] - m[key]]], fmt="o", capsize=3)
             ax.annotate(name, (m[xkey], m[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)

@@ -51,7 +51,8 @@ def main(cfg: QuickstartConfig) -> dict:
             students[f"{'kd' if kind == 'kd' else 'ce_only'}-seed{seed}"] = values["output_dir"]
 
     ev = load_config(EvaluateConfig, str(recipes / "evaluate.yaml"), values_={
-        "prompts": str(data / "heldout.jsonl"), "teacher": str(teacher), "output_dir": str(out / "eval"), **limit})
+        "prompts": str(data / "heldout.jsonl"), "teacher": str(teacher), "output_dir": str(out / "eval"),
+        "train_prompts": str(data / "train.jsonl"), **limit})
     ev = dataclasses.replace(ev, students=students)  # this run's students, not the recipe's
     report = evaluate.main(ev)
 
