@@ -181,8 +181,12 @@ def plot(report: dict, path: Path) -> None:
             ci = m.get(f"{key}_ci") or [m[key], m[key]]
             ax.errorbar(m[xkey], m[key], yerr=[[m[key] - ci[0]], [ci[1] - m[key]]], fmt="o", capsize=3)
             ax.annotate(name, (m[xkey], m[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+        if xkey == "params":  # sizes span decades; short engineering labels (137k, 1M) keep minor ticks legible
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
+            ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.EngFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)
