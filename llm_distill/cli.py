@@ -1,4 +1,4 @@
-"""Command line: `llm-distill {generate,train,evaluate,quickstart} [recipe.yaml] [key=value ...]`."""
+"""Command line: `llm-distill {generate,train,evaluate,export,quickstart} [recipe.yaml] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from .errors import UserError
 
-STAGES = ("generate", "train", "evaluate", "quickstart")
+STAGES = ("generate", "train", "evaluate", "export", "quickstart")
 
 
 def _quiet_libraries() -> None:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ns.args[1:] if recipe else ns.args
     _quiet_libraries()
     try:
-        from .config import EvaluateConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
+        from .config import EvaluateConfig, ExportConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
 
         if ns.stage == "generate":
             from . import generate
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import evaluate
 
             evaluate.main(load_config(EvaluateConfig, recipe, overrides))
+        elif ns.stage == "export":
+            from . import export
+
+            export.main(load_config(ExportConfig, recipe, overrides))
         else:
             from . import quickstart
 

@@ -87,6 +87,9 @@ class TrainConfig:
     """A fresh student: `transformers` config fields with `model_type` (e.g. llama, qwen2); vocab comes from the tokenizer."""
     tokenizer: Optional[str] = None
     """Tokenizer for a fresh student; defaults to the teacher's (from the dataset's provenance)."""
+    lora: Optional[dict] = None
+    """Train a LoRA adapter (PEFT) instead of all weights, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules:
+    [q_proj, k_proj, v_proj, o_proj]}; output_dir then holds an adapter (`llm-distill export` merges it)."""
     kd_weight: float = 1.0
     """Weight of the token-level forward KL on the teacher's top-k + tail buckets."""
     ce_weight: float = 1.0
@@ -141,6 +144,11 @@ class TrainConfig:
         if self.student_config is not None:
             _check(isinstance(self.student_config, dict) and "model_type" in self.student_config,
                    "train: student_config needs a 'model_type' (e.g. llama, qwen2)")
+        if self.lora is not None:
+            unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+            _check(not unknown, f"train: unknown lora key '{sorted(unknown)[0] if unknown else ''}' "
+                                "(known: r, alpha, dropout, target_modules)")
+            _check(isinstance(self.lora.get("r", 8), int) and self.lora.get("r", 8) >= 1, "train: lora.r must be >= 1")
         _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
         _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")
         from .losses import DIVERGENCES
@@ -230,6 +238,22 @@ class EvaluateConfig:
         _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
         _check(self.batch_size >= 1, "evaluate: batch_size must be >= 1")
         _check(self.limit is None or self.limit >= 1, "evaluate: limit must be >= 1")
+
+
+@dataclass
+class ExportConfig:
+    """`llm-distill export`: merge a LoRA adapter into its base model and save a plain model directory."""
+
+    adapter: str = ""
+    """Adapter directory written by `train` with `lora` set."""
+    output_dir: str = ""
+    """Where the merged model (safetensors + tokenizer + chat template) is written."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.adapter), "export: 'adapter' is required (a LoRA adapter directory)")
+        _check(bool(self.output_dir), "export: 'output_dir' is required")
 
 
 @dataclass

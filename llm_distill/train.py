@@ -243,6 +243,13 @@ def main(cfg: TrainConfig) -> str:
         raise UserError(f"{cfg.dataset}: needs 'messages' and 'completion' columns")
 
     model = build_student(cfg, tokenizer)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.get("r", 8), lora_alpha=cfg.lora.get("alpha", 16),
+                          lora_dropout=cfg.lora.get("dropout", 0.0), task_type="CAUSAL_LM",
+                          target_modules=cfg.lora.get("target_modules", "all-linear"))
+        model = get_peft_model(model, lora)
     emb = model.get_input_embeddings().weight.shape[0]
     if emb < len(tokenizer):
         raise UserError(f"train: the student's embedding has {emb} rows but the tokenizer has {len(tokenizer)} tokens")
@@ -251,8 +258,9 @@ def main(cfg: TrainConfig) -> str:
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(rows, batch_size=cfg.micro_batch_size, shuffle=True, generator=generator,
                                          collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
@@ -270,7 +278,8 @@ def main(cfg: TrainConfig) -> str:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_run_record(out, "train", config_to_dict(cfg))
-        print(f"train: student {count_parameters(model):,} params, {len(rows)} rows, "
+        print(f"train: student {count_parameters(model):,} params ({sum(p.numel() for p in trainable):,} trained), "
+              f"{len(rows)} rows, "
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
               f"{accelerator.num_processes} process(es)")
     metrics_file = out / "metrics.jsonl"

@@ -135,3 +135,28 @@ def test_nan_teacher_logprobs_are_rejected(teacher_data, tmp_path):
     proc = run_cli("train", f"dataset={path}", f"output_dir={tmp_path / 'o'}", *STUDENT_CONFIG, "max_steps=20",
                    "micro_batch_size=24", check=False)
     assert proc.returncode == 2 and "teacher logprobs contain NaN" in proc.stderr, proc.stderr[-500:]
+
+
+def test_lora_student_adapter_loads_and_exports(teacher_data, tiny_teacher, tmp_path):
+    """A LoRA student saves an adapter that loads with PeftModel.from_pretrained; export merges it into a plain
+    model directory with the same outputs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    proc = run_cli("train", f"dataset={teacher_data}", f"output_dir={out}", f"student={tiny_teacher}",
+                   "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", "max_steps=3", "micro_batch_size=4",
+                   "learning_rate=5e-2")
+    assert "trained)" in proc.stdout and (out / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    merged_dir = tmp_path / "merged"
+    run_cli("export", f"adapter={out}", f"output_dir={merged_dir}")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    x = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        a, b = peft_model(input_ids=x).logits, merged(input_ids=x).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_teacher)(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, plain, atol=1e-4), "the adapter was trained"
+    assert (merged_dir / "tokenizer_config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
