@@ -145,9 +145,9 @@ class TrainConfig:
             _check(isinstance(self.student_config, dict) and "model_type" in self.student_config,
                    "train: student_config needs a 'model_type' (e.g. llama, qwen2)")
         if self.lora is not None:
-            unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
-            _check(not unknown, f"train: unknown lora key '{sorted(unknown)[0] if unknown else ''}' "
-                                "(known: r, alpha, dropout, target_modules)")
+            for key in self.lora:
+                _check(key in ("r", "alpha", "dropout", "target_modules"),
+                       f"train: unknown lora key '{key}' (known: r, alpha, dropout, target_modules)")
             _check(isinstance(self.lora.get("r", 8), int) and self.lora.get("r", 8) >= 1, "train: lora.r must be >= 1")
         _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
         _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")

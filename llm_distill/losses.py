@@ -101,11 +101,6 @@ def divergence(name: str, t: torch.Tensor, s: torch.Tensor, beta: float = 0.5, a
     raise ValueError(f"unknown divergence {name!r}; choose from {', '.join(DIVERGENCES)}")
 
 
-def forward_kl(s_topk: torch.Tensor, s_tail: torch.Tensor, t_topk: torch.Tensor, t_tail: torch.Tensor) -> torch.Tensor:
-    """KL(P_teacher || Q_student) per position on the k + 1 buckets: (N,)."""
-    return divergence("forward_kl", buckets(t_topk, t_tail), buckets(s_topk, s_tail))
-
-
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
                  topk_logprobs: torch.Tensor | None, tail_logprob: torch.Tensor | None,
                  kd_weight: float, ce_weight: float, **kd_options) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_distill.losses import (DIVERGENCES, buckets, divergence, kd_per_token, restrict_topk, student_buckets,
-                                student_logprobs)
+                                student_logprobs, token_losses)
 
 
 def teacher_buckets(logits, k):
@@ -144,3 +144,25 @@ def test_chunked_equals_unchunked_values_and_gradients():
     assert torch.allclose(loss, loss2, atol=1e-6, rtol=1e-6)
     assert torch.allclose(h.grad, h2.grad, atol=1e-6) and torch.allclose(W.grad, W2.grad, atol=1e-6)
     assert torch.equal(W.grad[V:], torch.zeros(Vpad - V, d)), "padded vocabulary rows get no gradient"
+
+
+def test_student_buckets_sum_to_one():
+    z = torch.randn(10, 25) * 4
+    top, tail = student_buckets(z, torch.randperm(25)[:6].expand(10, 6))
+    total = top.exp().sum(-1) + tail.exp()
+    assert torch.allclose(total, torch.ones(10), atol=1e-5)
+
+
+def test_token_losses_only_count_labelled_positions():
+    torch.manual_seed(4)
+    B, T, V, k = 2, 6, 15, 4
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), -100)
+    labels[0, 2:4] = torch.tensor([1, 2])
+    labels[1, 1:2] = torch.tensor([3])
+    ids, top, tail = teacher_buckets(logits.reshape(-1, V), k)
+    kd, ce, n = token_losses(logits, labels, ids.view(B, T, k), top.view(B, T, k), tail.view(B, T), 1.0, 1.0)
+    assert n == 3
+    assert abs(float(kd)) < 1e-5  # teacher == student at labelled positions
+    ref = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
+    assert torch.allclose(ce, ref)
