@@ -1,4 +1,4 @@
-"""Command line: `llm-distill {generate,train,evaluate,export,quickstart} [recipe.yaml] [key=value ...]`."""
+"""Command line: `llm-distill {generate,score,merge,train,evaluate,export,quickstart} [recipe.yaml] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from .errors import UserError
 
-STAGES = ("generate", "train", "evaluate", "export", "quickstart")
+STAGES = ("generate", "score", "merge", "train", "evaluate", "export", "quickstart")
 
 
 def _quiet_libraries() -> None:
@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
             from . import generate
 
             generate.main(load_config(GenerateConfig, recipe, overrides))
+        elif ns.stage == "score":
+            from . import score
+            from .config import ScoreConfig
+
+            score.main(load_config(ScoreConfig, recipe, overrides))
+        elif ns.stage == "merge":
+            from . import merge
+            from .config import MergeConfig
+
+            merge.main(load_config(MergeConfig, recipe, overrides))
         elif ns.stage == "train":
             from . import train
 

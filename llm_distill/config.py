@@ -21,6 +21,14 @@ def _check(cond: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+def _check_shard(shard, stage: str) -> None:
+    if shard is None:
+        return
+    parts = str(shard).split("/")
+    ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 0 <= int(parts[0]) < int(parts[1])
+    _check(ok, f"{stage}: shard '{shard}' must be i/N with 0 <= i < N, e.g. shard=0/4")
+
+
 @dataclass
 class GenerateConfig:
     """`llm-distill generate`: run a teacher over chat prompts and store completions with top-k logprobs."""
@@ -53,8 +61,16 @@ class GenerateConfig:
     """Model dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
     limit: Optional[int] = None
     """Use only the first N prompts (handy for a dry run)."""
+    shard: Optional[str] = None
+    """`i/N`: generate only this process's share of the prompts (assigned by a hash of the prompt id), so N
+    processes with shard=0/N ... shard=N-1/N cover every prompt exactly once; `llm-distill merge` joins them."""
+    chunk_size: int = 256
+    """Prompts per chunk file: a killed run resumes at the first unfinished chunk (rerun the same command)."""
+    on_long_prompt: str = "error"
+    """A prompt whose tokens + max_new_tokens exceed the model context: `error` stops the run naming it;
+    `skip` leaves it out, counted in the summary and in provenance.json (`skipped_long_prompts`)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "generate: 'model' is required (path to the teacher), e.g. model=path/to/teacher")
@@ -71,6 +87,10 @@ class GenerateConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                f"generate: dtype '{self.dtype}' is not one of auto, float32, bfloat16, float16")
         _check(self.limit is None or self.limit >= 1, "generate: limit must be >= 1")
+        _check_shard(self.shard, "generate")
+        _check(self.chunk_size >= 1, "generate: chunk_size must be >= 1")
+        _check(self.on_long_prompt in ("error", "skip"),
+               f"generate: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
 
 
 @dataclass
@@ -254,6 +274,74 @@ class ExportConfig:
     def __post_init__(self) -> None:
         _check(bool(self.adapter), "export: 'adapter' is required (a LoRA adapter directory)")
         _check(bool(self.output_dir), "export: 'output_dir' is required")
+
+
+@dataclass
+class ScoreConfig:
+    """`llm-distill score`: teacher top-k logprobs for responses that already exist (teacher forcing)."""
+
+    model: str = ""
+    """Teacher: a local model directory (or hub id when online) loadable by `AutoModelForCausalLM`."""
+    responses: str = ""
+    """JSONL with `{"messages": [...], "completion": "..."}` (or messages ending with the assistant turn) per line,
+    or a `datasets` directory with `messages` + `completion` (token ids are reused when it has them and the same
+    tokenizer wrote them)."""
+    output_dir: str = ""
+    """Where the scored dataset is written (the generate schema; `finish_reason` is `given`)."""
+    logprobs: int = 20
+    """k: how many top teacher tokens (ids and raw logprobs) are stored per completion position."""
+    append_eos: bool = True
+    """End each tokenised completion with the teacher's EOS (what a finished generation holds), unless the row
+    says `finish_reason: length`."""
+    batch_size: int = 16
+    """Sequences per forward pass (sorted by length)."""
+    chunk_size: int = 256
+    """Rows per chunk file: a killed run resumes at the first unfinished chunk (rerun the same command)."""
+    on_long_prompt: str = "error"
+    """A row whose prompt + completion exceeds the model context: `error` stops naming it; `skip` counts it."""
+    shard: Optional[str] = None
+    """`i/N`: score only this process's share of the rows (by a hash of the id); `llm-distill merge` joins them."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, ..."""
+    dtype: str = "auto"
+    """Model dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
+    limit: Optional[int] = None
+    """Use only the first N rows."""
+    overwrite: bool = False
+    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "score: 'model' is required (path to the teacher)")
+        _check(bool(self.responses), "score: 'responses' is required (a JSONL file or a datasets directory)")
+        _check(bool(self.output_dir), "score: 'output_dir' is required")
+        _check(self.logprobs >= 1, "score: logprobs (k) must be >= 1")
+        _check(self.batch_size >= 1 and self.chunk_size >= 1, "score: batch_size and chunk_size must be >= 1")
+        _check(self.on_long_prompt in ("error", "skip"),
+               f"score: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
+        _check_shard(self.shard, "score")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+               f"score: dtype '{self.dtype}' is not one of auto, float32, bfloat16, float16")
+        _check(self.limit is None or self.limit >= 1, "score: limit must be >= 1")
+
+
+@dataclass
+class MergeConfig:
+    """`llm-distill merge`: join the shards of a sharded generate/score run into one dataset, after checking them."""
+
+    inputs: list = field(default_factory=list)
+    """Shard output directories, e.g. inputs=[runs/part0,runs/part1]."""
+    output_dir: str = ""
+    """Where the merged dataset is written."""
+    allow_missing: bool = False
+    """Merge even when some of the N shards are absent (they are listed in a warning and in provenance.json)."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.inputs, list) and len(self.inputs) >= 1 and all(isinstance(x, str) for x in self.inputs),
+               "merge: 'inputs' must be a non-empty list of shard directories, e.g. inputs=[runs/part0,runs/part1]")
+        _check(len(set(self.inputs)) == len(self.inputs), "merge: 'inputs' lists a directory twice")
+        _check(bool(self.output_dir), "merge: 'output_dir' is required")
 
 
 @dataclass

@@ -1,45 +1,69 @@
 """Teacher generation: completions plus per-position raw top-k logprobs into a `datasets` directory.
 
     llm-distill generate recipes/tiny/generate.yaml model=data/tiny_task/teacher output_dir=runs/teacher_data
+    llm-distill generate recipes/tiny/generate.yaml shard=0/2 output_dir=runs/part0   # one of N processes
+    llm-distill merge inputs=[runs/part0,runs/part1] output_dir=runs/teacher_data
 
-The transformers backend runs its own batched decode loop (left padding, KV cache) so that every step's raw
-logits (log-softmax at T=1, before temperature or top-p, like vLLM's `raw_logprobs`) are reduced to top-k on the
-fly: nothing of size (steps, vocab) is kept.
+The transformers backend (`TransformersBackend`) runs its own batched decode loop (left padding, KV cache) so
+that every step's raw logits (log-softmax at T=1, before temperature or top-p, like vLLM's `raw_logprobs`) are
+reduced to top-k on the fly: nothing of size (steps, vocab) is kept. Its `score` method gives the same values
+for responses that already exist, by one forward pass (`llm-distill score`).
+
+Work is written in chunks of `chunk_size` prompts (see chunks.py): a killed run, rerun with the same command,
+continues at the first unfinished chunk and ends with every prompt x sample exactly once.
+
+What is reproducible. Greedy decoding is a function of the logits. Sampling draws, for sample s of prompt `id`,
+one uniform per step from a generator seeded by (seed, id, s) and inverts the CDF of the tempered, nucleus-cut
+distribution, so the draw does not depend on batching, on the order of prompts, on resume or on the shard.
+A resumed run recomputes whole chunks with the same batches as a straight run, so its rows are bit-identical
+(same machine, batch_size and thread count). A shard batches prompts differently, so its logits can differ from
+a straight run's in the last bits (kernels depend on batch shape); a token then differs only when an argmax is
+a near-tie or a uniform falls within that rounding of a CDF boundary.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
-import json
+import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import __version__
+from .chunks import (RESUMABLE_CHANGES, ChunkedRun, crash_point, finished, parse_shard, partial_dir, sha256_json,
+                     shard_of)
 from .config import GenerateConfig, config_to_dict
-from .data import (PROVENANCE_FILE, SCHEMA_VERSION, check_output_dir, encode_prompt, load_prompts, publish,
-                   staging_dir, write_run_record)
+from .data import SCHEMA_VERSION, check_output_dir, encode_prompt, load_prompts
 from .errors import UserError
 from .models import (chat_template_hash, context_length, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
 
+# Storage dtypes: ids int32; the k top logprobs float16 (the bulk of the bytes; their rounding error on the KD
+# loss is measured in benchmarks/storage.py); the emitted token's logprob and the tail stay float32, because
+# the tail is computed exactly at capture and cannot be rebuilt from rounded top-k values.
+TOPK_LOGPROB_DTYPE = "float16"
 
-def dataset_features():
-    from datasets import Features, Sequence, Value
 
+def dataset_features(k: int | None = None):
+    """The teacher dataset schema; with `k` the top-k columns are fixed-size lists (no per-position offsets)."""
+    from datasets import Features, List, Value
+
+    length = k if k is not None else -1
     return Features({
         "id": Value("string"),
         "prompt_id": Value("string"),
         "messages": [{"role": Value("string"), "content": Value("string")}],
-        "prompt_token_ids": Sequence(Value("int32")),
+        "prompt_token_ids": List(Value("int32")),
         "completion": Value("string"),
-        "completion_token_ids": Sequence(Value("int32")),
-        "topk_token_ids": Sequence(Sequence(Value("int32"))),
-        "topk_logprobs": Sequence(Sequence(Value("float32"))),
-        "token_logprob": Sequence(Value("float32")),
-        "tail_logprob": Sequence(Value("float32")),
+        "completion_token_ids": List(Value("int32")),
+        "topk_token_ids": List(List(Value("int32"), length=length)),
+        "topk_logprobs": List(List(Value(TOPK_LOGPROB_DTYPE), length=length)),
+        "token_logprob": List(Value("float32")),
+        "tail_logprob": List(Value("float32")),
         "finish_reason": Value("string"),
     })
 
@@ -51,11 +75,36 @@ class Completion:
     topk_logprobs: torch.Tensor  # (C, k) float32, raw log-softmax at T=1, sorted descending
     token_logprob: torch.Tensor  # (C,) raw logprob of the emitted token
     tail_logprob: torch.Tensor   # (C,) log of the probability mass outside the top-k
-    finish_reason: str       # "stop" | "length"
+    finish_reason: str       # "stop" | "length" | "given" (scored, not generated)
+
+
+def check_logprobs(c: Completion, where: str) -> None:
+    """Refuse values no correct teacher produces, naming the row: NaN anywhere, or an emitted token at -inf.
+
+    -inf inside the top-k (a token the teacher gives zero probability, e.g. masked logits) is valid and kept:
+    the losses treat it as an empty bucket.
+    """
+    # -inf is allowed in the top-k, and in the tail (an empty tail when k = V); never for the emitted token.
+    for name, t, neg_inf_ok in (("top-k", c.topk_logprobs, True), ("token", c.token_logprob, False),
+                                ("tail", c.tail_logprob, True)):
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if not neg_inf_ok:
+            bad |= torch.isneginf(t)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise UserError(f"{where}: the teacher returned a {float(t.reshape(-1)[bad.reshape(-1)][0])} {name} logprob "
+                            f"at completion position {pos}; its logits are broken (float16 overflow? try "
+                            "dtype=float32 or bfloat16)")
+
+
+def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
+    """Seed of sample `sample` of prompt `prompt_id`: independent of batching, order, resume and shard."""
+    h = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """Next token per row from (B, V) logits: greedy at T=0, else temperature + nucleus sampling."""
+    """Next token per row from (B, V) logits with one shared generator (evaluate's sampling)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -67,45 +116,86 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _sample_inverse_cdf(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """Next token per row from (B, V) logits and one uniform per row u (B,): the inverse CDF of the tempered,
+    nucleus-cut distribution over ids sorted by probability (stable sort, so ties break the same way always)."""
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    if top_p < 1.0:
+        sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p)  # always keeps the most likely token
+    cdf = sorted_p.double().cumsum(-1)  # (B, V); float64 so the cut points do not drift at large V
+    target = (u.double() * cdf[:, -1])[:, None]  # (B, 1), strictly below the total mass
+    j = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return order.gather(-1, j).squeeze(-1)
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
 def _cache_kwarg(model) -> str:
     """Name of the KV-cache argument: `cache` in newer transformers 5.x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding: every row's last token is at the last column
+        input_ids[i, L - len(p):] = torch.tensor(p)
+        attn[i, L - len(p):] = 1
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    return input_ids.to(device), attn.to(device), position_ids.to(device)
+
+
+def _topk_tail(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, V) raw logprobs -> top-k logprobs (N, k) descending, their ids (N, k), exact tail (N,)."""
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    # Exact tail: logsumexp of everything outside the top-k (not 1 - sum, which cancels badly).
+    tail = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+    return top_lp, top_ids, tail
 
 
 @torch.no_grad()
 def decode_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int], vocab_size: int,
                  max_new_tokens: int, k: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> list[Completion]:
-    """Generate for a batch of token-id prompts, capturing raw top-k logprobs at every completion position."""
+                 generator: torch.Generator | None = None, row_seeds: list[int] | None = None) -> list[Completion]:
+    """Generate for a batch of token-id prompts, capturing raw top-k logprobs at every completion position.
+
+    Sampling (temperature > 0) uses `row_seeds` (one per row: per-row uniforms, batching-independent) when given,
+    else `generator` (one stream for the whole batch).
+    """
     device = next(model.parameters()).device
     B = len(prompt_ids)
-    L = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, L), dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_ids):  # left padding: every row's next token is at the last column
-        input_ids[i, L - len(p):] = torch.tensor(p, device=device)
-        attn[i, L - len(p):] = 1
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    input_ids, attn, position_ids = _left_pad(prompt_ids, pad_id, device)
     stop = torch.tensor(stop_ids, device=device)
     k = min(k, vocab_size)
+    uniforms = None
+    if temperature > 0 and row_seeds is not None:
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                           dtype=torch.float64) for s in row_seeds]).to(device)  # (B, S)
 
     cache_arg = _cache_kwarg(model)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+    # Only the last position's logits are needed from the prompt pass: (B, L, V) would not fit at real V.
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **keep)
     past, logits = getattr(out, cache_arg), out.logits[:, -1, :vocab_size]  # (B, V): padded vocab rows dropped
     pos = position_ids[:, -1:]  # (B, 1)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = []  # per step: (token (B,), topk ids (B,k), topk lp (B,k), token lp (B,), tail (B,))
-    for _ in range(max_new_tokens):
+    finished_ = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = []  # per step: (token (B,), topk ids (B,k), topk lp (B,k), token lp (B,), tail (B,), done (B,))
+    for t in range(max_new_tokens):
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V) raw, T=1
-        token = _sample(logits.float(), temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        top_lp, top_ids = logprobs.topk(k, dim=-1)  # (B, k), sorted descending
-        # Exact tail: logsumexp of everything outside the top-k (not 1 - sum, which cancels badly).
-        tail = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(-1)  # (B,)
+        if temperature == 0 or uniforms is None:
+            token = _sample(logits.float(), temperature, top_p, generator)
+        else:
+            token = _sample_inverse_cdf(logits.float(), temperature, top_p, uniforms[:, t])
+        token = torch.where(finished_, torch.full_like(token, pad_id), token)
+        top_lp, top_ids, tail = _topk_tail(logprobs, k)
         tok_lp = logprobs.gather(-1, token.clamp(max=vocab_size - 1)[:, None]).squeeze(-1)
-        steps.append((token, top_ids, top_lp, tok_lp, tail, finished.clone()))
-        finished |= torch.isin(token, stop)
-        if bool(finished.all()):
+        steps.append((token, top_ids, top_lp, tok_lp, tail, finished_.clone()))
+        finished_ |= torch.isin(token, stop)
+        if bool(finished_.all()):
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos + 1
@@ -129,85 +219,263 @@ def decode_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: l
     return results
 
 
+@torch.no_grad()
+def score_batch(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
+                vocab_size: int, k: int) -> list[Completion]:
+    """Raw top-k logprobs of given completions by one forward pass (the values `decode_batch` would store)."""
+    device = next(model.parameters()).device
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    input_ids, attn, position_ids = _left_pad(seqs, pad_id, device)
+    k = min(k, vocab_size)
+    c_max = max(len(c) for c in completion_ids)
+    # Left padding puts every completion at the end, so only the last c_max + 1 positions need logits.
+    keep = {"logits_to_keep": c_max + 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **keep).logits
+    logits = logits[:, -(c_max + 1):-1, :vocab_size]  # (B, c_max, V): column j predicts the token after it
+    results = []
+    for i, c in enumerate(completion_ids):
+        logprobs = torch.log_softmax(logits[i, c_max - len(c):].float(), dim=-1)  # (C, V)
+        top_lp, top_ids, tail = _topk_tail(logprobs, k)
+        tok_lp = logprobs.gather(-1, torch.tensor(c, device=device)[:, None]).squeeze(-1)  # (C,)
+        results.append(Completion(list(c), top_ids.cpu(), top_lp.cpu(), tok_lp.cpu(), tail.cpu(), "given"))
+    return results
+
+
+_batches_done = 0
+
+
+def _count_batch() -> None:
+    global _batches_done
+    _batches_done += 1
+    crash_point(f"batch:{_batches_done}")  # test hook: die mid-chunk, after this process's N-th batch
+
+
+class TransformersBackend:
+    """Teacher on `transformers`: batched generation and scoring with raw top-k logprobs.
+
+    The vLLM backend (vllm_backend.py) offers the same `generate` and `score` and returns the same `Completion`s.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", k: int = 20, num_samples: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
+                 batch_size: int = 16, tokenizer=None):
+        import transformers
+
+        self.device = resolve_device(device)
+        self.tokenizer = tokenizer or load_tokenizer(model)
+        self.model = load_model(model, self.device, resolve_dtype(dtype, self.device))
+        self.version = transformers.__version__
+        self.revision = getattr(self.model.config, "_commit_hash", None)
+        self.k, self.n, self.temperature, self.top_p = k, num_samples, temperature, top_p
+        self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
+        self.vocab_size = len(self.tokenizer)
+        self.stop_ids = eos_ids(self.model, self.tokenizer)
+
+    def context_length(self) -> int | None:
+        return context_length(self.model)
+
+    def generate(self, prompt_ids: list[list[int]], prompt_keys: list[str] | None = None,
+                 progress=None) -> list[list[Completion]]:
+        """`n` completions per prompt. `prompt_keys` (the prompt ids) seed the sampling, so a prompt's samples do
+        not depend on which other prompts share its batch. `progress(sequences, tokens)` is called per batch."""
+        keys = prompt_keys or [str(i) for i in range(len(prompt_ids))]
+        # Longest first: similar lengths share a batch (little padding) and an OOM shows up at once.
+        order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+        jobs = [(i, s) for i in order for s in range(self.n)]
+        results: list[list] = [[None] * self.n for _ in prompt_ids]
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            seeds = [sample_seed(self.seed, keys[i], s) for i, s in batch]
+            outs = decode_batch(self.model, [prompt_ids[i] for i, _ in batch], pad_id=self.tokenizer.pad_token_id,
+                                stop_ids=self.stop_ids, vocab_size=self.vocab_size,
+                                max_new_tokens=self.max_new_tokens, k=self.k, temperature=self.temperature,
+                                top_p=self.top_p, row_seeds=seeds)
+            for (i, s), c in zip(batch, outs):
+                check_logprobs(c, f"prompt {keys[i]!r} sample {s}")
+                results[i][s] = c
+            _count_batch()
+            if progress:
+                progress(len(batch), sum(len(c.token_ids) for c in outs))
+        return results
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], prompt_keys: list[str] | None = None,
+              progress=None) -> list[Completion]:
+        """Top-k logprobs of the given completions (teacher forcing), batched by length."""
+        keys = prompt_keys or [str(i) for i in range(len(prompt_ids))]
+        order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]) - len(completion_ids[i]), i))
+        results: list = [None] * len(prompt_ids)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            outs = score_batch(self.model, [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx],
+                               pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, k=self.k)
+            for i, c in zip(idx, outs):
+                check_logprobs(c, f"row {keys[i]!r}")
+                results[i] = c
+            _count_batch()
+            if progress:
+                progress(len(idx), sum(len(c.token_ids) for c in outs))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows -> Arrow, built column by column from numpy (no per-value Python objects for the top-k data).
+
+
+def _list_array(chunks: list[np.ndarray], value_type, fixed: int | None = None):
+    """One Arrow list column from per-row numpy arrays: (C,) -> list<value>, (C, k) -> list<fixed_size_list[k]>."""
+    import pyarrow as pa
+
+    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0)
+    values = pa.array(flat, type=value_type)
+    if fixed is not None:
+        values = pa.FixedSizeListArray.from_arrays(values, fixed)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def rows_table(meta: list[dict], completions: list[Completion], tokenizer, k: int, features):
+    """Arrow table of teacher rows: `meta` gives id, prompt_id, messages, prompt_token_ids (and completion text
+    when given); the Completion gives the rest."""
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    texts = [m["completion"] if "completion" in m else tokenizer.decode(c.token_ids, skip_special_tokens=True)
+             for m, c in zip(meta, completions)]
+    cols = {
+        "id": pa.array([m["id"] for m in meta], pa.string()),
+        "prompt_id": pa.array([m["prompt_id"] for m in meta], pa.string()),
+        "messages": pa.array([m["messages"] for m in meta], schema.field("messages").type),
+        "prompt_token_ids": _list_array([np.asarray(m["prompt_token_ids"], np.int32) for m in meta], pa.int32()),
+        "completion": pa.array(texts, pa.string()),
+        "completion_token_ids": _list_array([np.asarray(c.token_ids, np.int32) for c in completions], pa.int32()),
+        "topk_token_ids": _list_array([c.topk_ids.numpy().astype(np.int32).reshape(-1, k) for c in completions],
+                                      pa.int32(), k),
+        "topk_logprobs": _list_array([c.topk_logprobs.float().numpy().astype(np.float16).reshape(-1, k)
+                                      for c in completions], pa.float16(), k),
+        "token_logprob": _list_array([c.token_logprob.float().numpy() for c in completions], pa.float32()),
+        "tail_logprob": _list_array([c.tail_logprob.float().numpy() for c in completions], pa.float32()),
+        "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+    }
+    return pa.Table.from_arrays([cols[name].cast(schema.field(name).type) for name in schema.names], schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def run_settings(cfg, tokenizer, prompts_sha: str) -> dict:
+    """What a resumed run must share with the run it continues: every setting that changes rows, plus
+    fingerprints of the prompts, tokenizer and chat template (a path can stay the same while its content changes)."""
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    settings.update(schema_version=SCHEMA_VERSION, topk_logprob_dtype=TOPK_LOGPROB_DTYPE, prompts_sha256=prompts_sha,
+                    tokenizer_hash=tokenizer_hash(tokenizer), chat_template_hash=chat_template_hash(tokenizer))
+    return settings
+
+
+def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, policy: str, describe) -> tuple[list, list]:
+    """Drop (policy skip) or refuse (policy error) items whose length + extra exceeds the context; returns
+    (kept, skipped ids)."""
+    kept, skipped = [], []
+    for item, n in zip(items, lengths):
+        if ctx is not None and n + extra > ctx:
+            if policy == "error":
+                raise UserError(describe(item, n) + "; or set on_long_prompt=skip to skip such prompts (counted)")
+            skipped.append(item)
+        else:
+            kept.append(item)
+    return kept, skipped
+
+
 def main(cfg: GenerateConfig) -> str:
     """Run the teacher over the prompts and write the dataset; returns the output directory."""
-    from datasets import Dataset
     from tqdm.auto import tqdm
 
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    shard = parse_shard(cfg.shard)
+    if finished(cfg.output_dir) and not cfg.overwrite:
+        check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)  # refuses another run
+        shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)  # left if killed right after publishing
+        print(f"generate: {cfg.output_dir} is already complete with these settings; nothing to do "
+              "(overwrite=true regenerates it)")
+        return cfg.output_dir
     check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    ctx = context_length(model)
-    encoded = []
-    for pr in prompts:
-        ids = encode_prompt(tokenizer, pr.messages, cfg.model)
-        if ctx is not None and len(ids) + cfg.max_new_tokens > ctx:
-            raise UserError(f"{pr.where}: prompt {pr.id!r} has {len(ids)} tokens; with max_new_tokens="
-                            f"{cfg.max_new_tokens} that exceeds the model context of {ctx}; shorten it or lower "
-                            "max_new_tokens")
-        encoded.append(ids)
+    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
+    backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
+                                  num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    tokenizer = backend.tokenizer
+    k = min(cfg.logprobs, backend.vocab_size)
+    ctx = backend.context_length()
 
-    vocab_size = len(tokenizer)
-    stop_ids = eos_ids(model, tokenizer)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    # Longest first: similar lengths share a batch (little padding) and an OOM shows up at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    jobs = [(i, s) for i in order for s in range(cfg.num_samples)]
-    rows_by_job = {}
+    mine = [p for p in prompts if shard is None or shard_of(p.id, shard[1]) == shard[0]]
+    encoded = {p.id: encode_prompt(tokenizer, p.messages, cfg.model) for p in mine}
+    kept, skipped = filter_long(
+        mine, [len(encoded[p.id]) for p in mine], ctx, cfg.max_new_tokens, cfg.on_long_prompt,
+        lambda p, n: (f"{p.where}: prompt {p.id!r} has {n} tokens; with max_new_tokens={cfg.max_new_tokens} that "
+                      f"exceeds the model context of {ctx}; shorten it or lower max_new_tokens"))
+    features = dataset_features(k)
+    run = ChunkedRun(cfg.output_dir, "generate", run_settings(cfg, tokenizer, prompts_sha), features, cfg.overwrite)
+    chunks = [kept[s:s + cfg.chunk_size] for s in range(0, len(kept), cfg.chunk_size)]
+    done = run.done() & set(range(len(chunks)))
+
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="generate", unit="seq")
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start:start + cfg.batch_size]
-        outs = decode_batch(model, [encoded[i] for i, _ in batch], pad_id=tokenizer.pad_token_id,
-                            stop_ids=stop_ids, vocab_size=vocab_size, max_new_tokens=cfg.max_new_tokens,
-                            k=cfg.logprobs, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
-        for (i, s), c in zip(batch, outs):
-            pr = prompts[i]
-            rows_by_job[(i, s)] = {
-                "id": f"{pr.id}#{s}",
-                "prompt_id": pr.id,
-                "messages": pr.messages,
-                "prompt_token_ids": encoded[i],
-                "completion": tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                "completion_token_ids": c.token_ids,
-                "topk_token_ids": c.topk_ids.tolist(),
-                "topk_logprobs": c.topk_logprobs.tolist(),
-                "token_logprob": c.token_logprob.tolist(),
-                "tail_logprob": c.tail_logprob.tolist(),
-                "finish_reason": c.finish_reason,
-            }
-            n_tokens += len(c.token_ids)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
-    rows = [rows_by_job[job] for job in sorted(rows_by_job)]  # prompt order, whatever the batching
+    bar = tqdm(total=len(kept) * cfg.num_samples, desc="generate", unit="seq",
+               initial=sum(len(chunks[i]) for i in done) * cfg.num_samples)
 
-    tmp = staging_dir(cfg.output_dir)
-    Dataset.from_list(rows, features=dataset_features()).save_to_disk(str(tmp))
+    def progress(seqs: int, tokens: int) -> None:
+        nonlocal n_tokens
+        n_tokens += tokens
+        bar.update(seqs)
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    if done:
+        print(f"generate: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
+    for index, chunk in enumerate(chunks):
+        if index in done:
+            continue
+        outs = backend.generate([encoded[p.id] for p in chunk], [p.id for p in chunk], progress)
+        meta, comps = [], []
+        for p, samples in zip(chunk, outs):
+            for s, c in enumerate(samples):
+                meta.append({"id": f"{p.id}#{s}", "prompt_id": p.id, "messages": p.messages,
+                             "prompt_token_ids": encoded[p.id]})
+                comps.append(c)
+        run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
+    bar.close()
+
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "llm_distill_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "stage": "generate",
         "teacher": cfg.model,
-        "teacher_revision": getattr(model.config, "_commit_hash", None),
+        "teacher_revision": backend.revision,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "chat_template_hash": chat_template_hash(tokenizer),
-        "vocab_size": vocab_size,
-        "backend": cfg.backend,
-        "backend_version": __import__("transformers").__version__,
+        "vocab_size": backend.vocab_size,
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "dtype": cfg.dtype,
         "sampling": {"n": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-        "k": cfg.logprobs,
+        "k": k,
         "logprobs_mode": "raw",
-        "num_rows": len(rows),
-        "completion_tokens": n_tokens,
+        "storage": {"topk_logprobs": TOPK_LOGPROB_DTYPE, "token_logprob": "float32", "tail_logprob": "float32",
+                    "ids": "int32"},
+        "prompts_sha256": prompts_sha,
+        "shard": cfg.shard or None,
+        "num_prompts": len(kept),
+        "skipped_long_prompts": {"count": len(skipped), "ids": [p.id for p in skipped[:100]]},
     }
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    write_run_record(tmp, "generate", config_to_dict(cfg))
-    publish(tmp, cfg.output_dir)
+    expected = [f"{p.id}#{s}" for p in kept for s in range(cfg.num_samples)]
+    prov = run.finalize(len(chunks), expected, provenance, config_to_dict(cfg))
     elapsed = time.perf_counter() - t0
-    print(f"generate: {len(rows)} completions, {n_tokens} tokens in {elapsed:.1f}s "
-          f"({n_tokens / max(elapsed, 1e-9):.0f} tok/s) -> {cfg.output_dir}")
+    skip_note = (f"; skipped {len(skipped)} prompts longer than the context ({', '.join(p.id for p in skipped[:5])}"
+                 f"{', ...' if len(skipped) > 5 else ''})" if skipped else "")
+    print(f"generate: {prov['num_rows']} completions, {prov['completion_tokens']} tokens; this process generated "
+          f"{n_tokens} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tok/s){skip_note} "
+          f"-> {cfg.output_dir}")
     return cfg.output_dir

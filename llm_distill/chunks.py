@@ -1,0 +1,184 @@
+"""Chunked, resumable, shardable dataset writing, shared by `generate` and `score`.
+
+A run works in a hidden sibling of its output directory, `.<name>.partial/`:
+
+    run.json              the settings the run started with (a resume must match them, field by field)
+    lock                  pid of the process writing here (a second live writer is refused)
+    chunk-000000.parquet  rows of work unit 0 (zstd), each written to a temp name and os.replace'd into place
+
+A chunk file exists completely or not at all, so a run killed at any moment (SIGKILL included) resumes at
+the first missing chunk; the unit being computed when it died is redone from scratch. Chunk contents are a
+pure function of the settings, so a redone chunk is the same rows. When every chunk is present the chunks are
+streamed, in order, into one `datasets` directory (memory-mapped Arrow: what `load_from_disk` and train read),
+which is published with one rename; the partial directory is removed last. A rerun after that is a no-op.
+
+Sharding (`shard: i/N`) assigns each prompt to shard `hash(id) mod N`, so N independent processes cover every
+prompt exactly once whatever the file order or the machines; `llm-distill merge` checks and joins them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from .data import PROVENANCE_FILE, RUN_FILE, publish, staging_dir, write_run_record, _pid_alive
+from .errors import UserError
+
+CHUNK_GLOB = "chunk-*.parquet"
+# Fields a resumed run may change: they affect speed or placement, not the rows (batch_size can change the
+# last bits of the logits on some kernels; see generate.py for what is guaranteed).
+RESUMABLE_CHANGES = ("overwrite", "batch_size", "device", "output_dir", "prompts", "responses")
+
+
+def partial_dir(output_dir: str) -> Path:
+    p = Path(output_dir).resolve()
+    return p.parent / f".{p.name}.partial"
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """`"i/N"` -> (i, N), or None for no sharding; the error names the expected form."""
+    if spec is None or spec == "":
+        return None
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise UserError(f"shard '{spec}' is not of the form i/N (e.g. shard=0/4)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"shard '{spec}': need 0 <= i < N (e.g. shard=0/4 ... shard=3/4)")
+    return i, n
+
+
+def shard_of(prompt_id: str, num_shards: int) -> int:
+    """Shard of a prompt: a hash of its id, so the split depends on nothing but the id and N."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode("utf-8")).digest()[:8], "big") % num_shards
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process at the named point when LLM_DISTILL_CRASH_AT says so.
+
+    The resume tests kill the real CLI at exact points (mid-chunk, between a chunk's temp write and its rename,
+    while finalising) instead of racing a timer; unset, this does nothing.
+    """
+    if os.environ.get("LLM_DISTILL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fmt(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def finished(output_dir: str) -> bool:
+    p = Path(output_dir)
+    return (p / RUN_FILE).is_file() and (p / PROVENANCE_FILE).is_file()
+
+
+class ChunkedRun:
+    """The partial directory of one run: settings check, lock, atomic chunk files, and the final publish."""
+
+    def __init__(self, output_dir: str, stage: str, settings: dict, features, overwrite: bool):
+        self.output_dir, self.stage, self.features = output_dir, stage, features
+        self.schema = features.arrow_schema
+        self.dir = partial_dir(output_dir)
+        if overwrite and self.dir.exists():
+            self._take_lock_or_fail()
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock_or_fail()
+        record = {"stage": stage, "settings": settings}
+        run_file = self.dir / RUN_FILE
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            if old.get("stage") != stage:
+                raise UserError(f"{output_dir}: an unfinished '{old.get('stage')}' run is there, not '{stage}'; "
+                                "choose another output_dir or pass overwrite=true")
+            diff = settings_diff(old["settings"], settings)
+            if diff:
+                changes = ", ".join(f"{k} {_fmt(old['settings'].get(k))} -> {_fmt(settings.get(k))}" for k in diff)
+                raise UserError(f"{output_dir}: cannot resume, the unfinished run there used other settings "
+                                f"(changed: {changes}); rerun with the old settings or pass overwrite=true to start over")
+            self.resumed = True
+        else:
+            self._atomic_write(run_file, json.dumps(record, indent=2, default=str).encode())
+            self.resumed = False
+        for tmp in self.dir.glob("*.tmp"):  # a write cut short by a kill; its chunk is redone
+            tmp.unlink()
+
+    def _take_lock_or_fail(self) -> None:
+        lock = self.dir / "lock"
+        if lock.is_file():
+            pid = lock.read_text().strip()
+            if pid != str(os.getpid()) and _pid_alive(pid):
+                raise UserError(f"{self.output_dir}: another process (pid {pid}) is writing this run; wait for it or "
+                                "use another output_dir")
+        if self.dir.is_dir():
+            lock.write_text(str(os.getpid()))
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def chunk_path(self, index: int) -> Path:
+        return self.dir / f"chunk-{index:06d}.parquet"
+
+    def done(self) -> set[int]:
+        return {int(p.stem.split("-")[1]) for p in self.dir.glob(CHUNK_GLOB)}
+
+    def write_chunk(self, index: int, table) -> None:
+        """Write one unit's rows as a zstd parquet file under a temp name, then rename it into place."""
+        import pyarrow.parquet as pq
+
+        final = self.chunk_path(index)
+        tmp = final.with_name(final.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        crash_point(f"chunk_tmp:{index}")
+        os.replace(tmp, final)
+        crash_point(f"chunk:{index}")
+
+    def finalize(self, num_chunks: int, expected_ids: list[str], provenance: dict, run_config: dict) -> dict:
+        """Stream the chunks in order into a `datasets` directory, check every id once, publish; return stats."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from datasets import Dataset
+
+        combined = self.dir / "combined.arrow"
+        ids, tokens = [], 0
+        with pa.OSFile(str(combined), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+            for index in range(num_chunks):
+                table = pq.read_table(self.chunk_path(index), schema=self.schema)
+                ids += table.column("id").to_pylist()
+                tokens += int(pc.sum(pc.list_value_length(table.column("completion_token_ids"))).as_py() or 0)
+                writer.write_table(table)
+        if ids != expected_ids:  # cannot happen unless the partial directory was edited by hand
+            raise UserError(f"{self.dir}: the chunks hold {len(ids)} rows, {len(set(ids))} distinct ids, "
+                            f"expected {len(expected_ids)}; pass overwrite=true to regenerate")
+        crash_point("finalize")
+        tmp = staging_dir(self.output_dir)
+        Dataset.from_file(str(combined)).save_to_disk(str(tmp))
+        provenance = {**provenance, "num_rows": len(ids), "completion_tokens": tokens}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        write_run_record(tmp, self.stage, run_config)
+        publish(tmp, self.output_dir)
+        crash_point("published")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return provenance

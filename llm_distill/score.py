@@ -1,0 +1,179 @@
+"""Teacher top-k logprobs for responses that already exist: one forward pass per batch (teacher forcing).
+
+    llm-distill score model=data/tiny_task/teacher responses=answers.jsonl output_dir=runs/scored
+
+`responses` is a JSONL file, one `{"messages": [...], "completion": "..."}` per line (or `messages` ending with
+the assistant turn, which is then the completion), or a `datasets` directory with `messages` + `completion`
+(a generate output, for example: its token ids are reused when its provenance has this teacher's tokenizer).
+The output has generate's schema, with `finish_reason: given`, and is written by the same chunked, resumable,
+shardable writer (chunks.py), so `llm-distill merge` joins score shards too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import time
+from pathlib import Path
+
+from . import __version__
+from .chunks import ChunkedRun, finished, parse_shard, partial_dir, sha256_json, shard_of
+from .config import ScoreConfig, config_to_dict
+from .data import SCHEMA_VERSION, _validate_record, check_output_dir, encode_prompt, read_provenance
+from .errors import UserError
+from .generate import (TOPK_LOGPROB_DTYPE, TransformersBackend, dataset_features, filter_long, rows_table,
+                       run_settings)
+from .models import chat_template_hash, tokenizer_hash
+
+
+def _records(path: str, limit: int | None):
+    """(where, record) pairs from JSONL or a datasets directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: responses file not found")
+    if p.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except Exception as e:
+            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file instead") from None
+        keep = [c for c in ("id", "prompt_id", "messages", "completion", "finish_reason", "prompt_token_ids",
+                            "completion_token_ids") if c in ds.column_names]
+        ds = ds.select_columns(keep)
+        for i in range(len(ds) if limit is None else min(limit, len(ds))):
+            yield f"{path}: row {i}", ds[i]
+        return
+    n = 0
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and n >= limit:
+                return
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                                "one JSON object") from None
+            n += 1
+            yield f"{path}:{lineno}", rec
+
+
+def load_responses(path: str, limit: int | None) -> list[dict]:
+    """Validated rows: id, prompt_id, messages (the prompt), completion text, finish_reason, optional token ids."""
+    rows, seen = [], {}
+    for index, (where, rec) in enumerate(_records(path, limit)):
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object with 'messages' and 'completion'")
+        msgs = rec.get("messages")
+        completion = rec.get("completion")
+        if completion is None and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
+                and msgs[-1].get("role") == "assistant":
+            completion, msgs = msgs[-1].get("content"), msgs[:-1]
+        if not isinstance(completion, str):
+            raise UserError(f"{where}: no response to score; give 'completion' (a string) or end 'messages' with the "
+                            "assistant turn")
+        prompt = _validate_record({"messages": msgs, "id": rec.get("id", f"r{index}")}, where, index)
+        row = {"id": prompt.id, "prompt_id": str(rec.get("prompt_id") or prompt.id), "messages": prompt.messages,
+               "completion": completion, "finish_reason": rec.get("finish_reason") or "stop", "where": where}
+        for key in ("prompt_token_ids", "completion_token_ids"):
+            if rec.get(key) is not None:
+                row[key] = list(rec[key])
+        if row["id"] in seen:
+            raise UserError(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]}); ids must be unique")
+        seen[row["id"]] = where
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no responses found")
+    return rows
+
+
+def main(cfg: ScoreConfig) -> str:
+    from tqdm.auto import tqdm
+
+    shard = parse_shard(cfg.shard)
+    if finished(cfg.output_dir) and not cfg.overwrite:
+        check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
+        shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)
+        print(f"score: {cfg.output_dir} is already complete with these settings; nothing to do")
+        return cfg.output_dir
+    check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
+    rows = load_responses(cfg.responses, cfg.limit)
+    responses_sha = sha256_json([[r["id"], r["messages"], r["completion"]] for r in rows])
+    backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
+                                  batch_size=cfg.batch_size)
+    tok = backend.tokenizer
+    k = min(cfg.logprobs, backend.vocab_size)
+    # Token ids from a dataset written with this very tokenizer are reused (no second tokenisation);
+    # otherwise the prompt goes through the chat template and the completion is tokenised as plain text.
+    reuse = Path(cfg.responses).is_dir() and read_provenance(cfg.responses).get("tokenizer_hash") == tokenizer_hash(tok)
+    mine = [r for r in rows if shard is None or shard_of(r["id"], shard[1]) == shard[0]]
+    for r in mine:
+        if not (reuse and "prompt_token_ids" in r and "completion_token_ids" in r):
+            r["prompt_token_ids"] = encode_prompt(tok, r["messages"], cfg.model)
+            ids = tok(r["completion"], add_special_tokens=False)["input_ids"]
+            if cfg.append_eos and r["finish_reason"] != "length":
+                ids = ids + [tok.eos_token_id]
+            r["completion_token_ids"] = ids
+        if not r["completion_token_ids"]:
+            raise UserError(f"{r['where']}: the completion is empty (no tokens to score)")
+    ctx = backend.context_length()
+    kept, skipped = filter_long(
+        mine, [len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in mine], ctx, 0, cfg.on_long_prompt,
+        lambda r, n: f"{r['where']}: row {r['id']!r} has {n} prompt + completion tokens, more than the model "
+                     f"context of {ctx}; shorten it")
+    features = dataset_features(k)
+    settings = run_settings(cfg, tok, responses_sha)
+    run = ChunkedRun(cfg.output_dir, "score", settings, features, cfg.overwrite)
+    chunks = [kept[s:s + cfg.chunk_size] for s in range(0, len(kept), cfg.chunk_size)]
+    done = run.done() & set(range(len(chunks)))
+    n_tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(kept), desc="score", unit="seq", initial=sum(len(chunks[i]) for i in done))
+
+    def progress(seqs: int, tokens: int) -> None:
+        nonlocal n_tokens
+        n_tokens += tokens
+        bar.update(seqs)
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    if done:
+        print(f"score: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
+    for index, chunk in enumerate(chunks):
+        if index in done:
+            continue
+        outs = backend.score([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk],
+                             [r["id"] for r in chunk], progress)
+        run.write_chunk(index, rows_table(chunk, outs, tok, k, features))
+    bar.close()
+    provenance = {
+        "schema_version": SCHEMA_VERSION,
+        "llm_distill_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "stage": "score",
+        "teacher": cfg.model,
+        "teacher_revision": backend.revision,
+        "tokenizer_hash": tokenizer_hash(tok),
+        "chat_template_hash": chat_template_hash(tok),
+        "vocab_size": backend.vocab_size,
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "dtype": cfg.dtype,
+        "sampling": None,
+        "k": k,
+        "logprobs_mode": "raw",
+        "storage": {"topk_logprobs": TOPK_LOGPROB_DTYPE, "token_logprob": "float32", "tail_logprob": "float32",
+                    "ids": "int32"},
+        "responses": cfg.responses,
+        "responses_sha256": responses_sha,
+        "shard": cfg.shard or None,
+        "num_prompts": len(kept),
+        "skipped_long_prompts": {"count": len(skipped), "ids": [r["id"] for r in skipped[:100]]},
+    }
+    prov = run.finalize(len(chunks), [r["id"] for r in kept], provenance, config_to_dict(cfg))
+    elapsed = time.perf_counter() - t0
+    skip_note = f"; skipped {len(skipped)} rows longer than the context" if skipped else ""
+    print(f"score: {prov['num_rows']} responses, {prov['completion_tokens']} tokens; {n_tokens} scored by this "
+          f"process in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tok/s){skip_note} -> {cfg.output_dir}")
+    return cfg.output_dir
