@@ -40,7 +40,8 @@ class GenerateConfig:
     output_dir: str = ""
     """Where the teacher dataset is written (`datasets.load_from_disk` reads it back)."""
     backend: str = "transformers"
-    """Generation backend. `transformers` runs anywhere (CPU or a small GPU)."""
+    """Generation backend. `transformers` runs anywhere (CPU or a small GPU); `vllm` runs big teachers fast on
+    CUDA GPUs (`pip install llm-distill[vllm]`; the engine fields at the end of this list apply to it)."""
     num_samples: int = 1
     """Completions per prompt (each becomes one row, id `<prompt id>#<sample>`)."""
     temperature: float = 1.0
@@ -72,12 +73,26 @@ class GenerateConfig:
     overwrite: bool = False
     """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
 
+    tensor_parallel_size: int = 1
+    """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
+    process per GPU with `shard=i/N` instead."""
+    gpu_memory_utilization: float = 0.9
+    """backend=vllm: fraction of each GPU's memory vLLM may take (weights + KV cache)."""
+    max_model_len: Optional[int] = None
+    """backend=vllm: context length to allocate KV cache for (default: the model's); lower it when the KV cache
+    does not fit. Prompt + max_new_tokens must fit in it."""
+    max_num_batched_tokens: Optional[int] = None
+    """backend=vllm: tokens per engine step (default: vLLM's). `score` computes full-vocabulary logits for every
+    scheduled token, so lower this if scoring runs out of memory."""
+    enforce_eager: bool = False
+    """backend=vllm: skip CUDA graph capture (slower decoding, faster start, less memory)."""
+
     def __post_init__(self) -> None:
         _check(bool(self.model), "generate: 'model' is required (path to the teacher), e.g. model=path/to/teacher")
         _check(bool(self.prompts), "generate: 'prompts' is required (a JSONL file or a datasets directory)")
         _check(bool(self.output_dir), "generate: 'output_dir' is required")
-        _check(self.backend in ("transformers",),
-               f"generate: backend '{self.backend}' is not available; use backend=transformers")
+        _check(self.backend in ("transformers", "vllm"),
+               f"generate: backend '{self.backend}' is not one of transformers, vllm")
         _check(self.num_samples >= 1, "generate: num_samples must be >= 1")
         _check(self.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "generate: top_p must be in (0, 1]")
@@ -91,6 +106,11 @@ class GenerateConfig:
         _check(self.chunk_size >= 1, "generate: chunk_size must be >= 1")
         _check(self.on_long_prompt in ("error", "skip"),
                f"generate: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
+        _check(self.tensor_parallel_size >= 1, "generate: tensor_parallel_size must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "generate: gpu_memory_utilization must be in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "generate: max_model_len must be >= 1")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "generate: max_num_batched_tokens must be >= 1")
 
 
 @dataclass
@@ -152,7 +172,29 @@ class TrainConfig:
     log_every: int = 10
     """Log loss parts and tokens/s every N optimiser steps."""
     save_every: int = 0
-    """Save a checkpoint under `checkpoints/step-N` every N steps (0: only the final model)."""
+    """Save a checkpoint under `checkpoints/step-N` every N steps (0: only the final model). Each holds the
+    student (loadable as a model) and `state/` (optimiser, scheduler, RNG) for an exact resume."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (older ones are deleted once a newer one is complete)."""
+    resume: bool = True
+    """Rerunning into an output_dir with an unfinished run of the same settings continues from its newest
+    checkpoint (same final weights as an uninterrupted run); settings that would change the run are refused."""
+    group_by_length: bool = True
+    """Put rows of similar length in the same micro-batch (sorted inside windows of 64 global batches, then the
+    batches shuffled), so padding wastes little compute; the data order stays seeded and random."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in the backward pass: less memory, about 30% more compute."""
+    mixed_precision: Optional[str] = None
+    """`no`, `bf16` or `fp16`; empty: whatever `accelerate launch` / `accelerate config` says (bf16 on GPUs is
+    the usual choice; weights and optimiser state stay float32)."""
+    report_to: str = "auto"
+    """Experiment trackers via accelerate: `auto` (TensorBoard when installed), `none`, or a comma list such as
+    `tensorboard,wandb`. `metrics.jsonl` is always written."""
+    eval_dataset: Optional[str] = None
+    """Held-out teacher dataset: its KD and CE loss per token (gathered over all processes) is logged every
+    `eval_every` steps and at the end."""
+    eval_every: int = 0
+    """Evaluate on `eval_dataset` every N steps (0: only at the end)."""
     overwrite: bool = False
     """Replace an existing output directory instead of refusing."""
 
@@ -193,6 +235,10 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train: max_grad_norm must be >= 0")
         _check(self.log_every >= 1, "train: log_every must be >= 1")
         _check(self.save_every >= 0, "train: save_every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train: keep_checkpoints must be >= 1")
+        _check(self.mixed_precision in (None, "no", "bf16", "fp16"),
+               f"train: mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16")
+        _check(self.eval_every >= 0, "train: eval_every must be >= 0")
 
 
 @dataclass

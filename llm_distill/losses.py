@@ -153,9 +153,12 @@ def kd_per_token(s_topk: torch.Tensor, s_tail: torch.Tensor, t_topk: torch.Tenso
     return total * temperature ** 2
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor | None, labels: torch.Tensor,
+def _chunk_logprobs(h: torch.Tensor, head, topk_ids: torch.Tensor | None, labels: torch.Tensor,
                     vocab: int, softcap: float | None):
-    z = (h @ weight[:vocab].T).float()  # (c, V): padded embedding rows beyond the tokenizer are dropped
+    if isinstance(head, torch.Tensor):
+        z = (h @ head[:vocab].T).float()  # (c, V): padded embedding rows beyond the tokenizer are dropped
+    else:  # the model's head module: its own hooks run, so ZeRO-3 / FSDP can gather a sharded weight
+        z = head(h)[..., :vocab].float()  # (c, V)
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     lse = z.logsumexp(-1)  # (c,)
@@ -167,20 +170,23 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tenso
     return label_lp, s_topk, s_tail
 
 
-def student_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def student_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor,
                      topk_ids: torch.Tensor | None, vocab: int, chunk_size: int = 1024, softcap: float | None = None):
     """Student logprobs from final hidden states, never holding more than one (chunk, V) block of logits.
 
-    hidden: (N, d) at completion positions only; weight: (V', d) the output projection (V' >= vocab);
+    hidden: (N, d) at completion positions only; head: the output projection, either its (V', d) weight
+    (V' >= vocab) or the bias-free linear module itself;
     labels: (N,); topk_ids: (N, k) or None. Returns label logprobs (N,), top-k logprobs (N, k) and tail (N,)
     (the last two None without topk_ids). Each chunk is recomputed in the backward pass (activation
     checkpointing), so peak memory is O(chunk_size * V) instead of O(N * V).
     """
+    head_trains = head.requires_grad if isinstance(head, torch.Tensor) else \
+        any(p.requires_grad for p in head.parameters())
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[i:i + chunk_size], weight, None if topk_ids is None else topk_ids[i:i + chunk_size],
+        args = (hidden[i:i + chunk_size], head, None if topk_ids is None else topk_ids[i:i + chunk_size],
                 labels[i:i + chunk_size], vocab, softcap)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if torch.is_grad_enabled() and (hidden.requires_grad or head_trains):
             outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             outs.append(_chunk_logprobs(*args))

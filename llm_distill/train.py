@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, config_to_dict
-from .data import check_output_dir, encode_prompt, read_provenance, write_run_record
+from .data import RUN_FILE, encode_prompt, read_provenance, write_run_record
 from .errors import UserError
 from .losses import kd_per_token, restrict_topk, student_logprobs, token_losses
 from .models import context_length, count_parameters, load_tokenizer, tokenizer_hash
@@ -134,8 +134,8 @@ class StudentLoss(torch.nn.Module):
         mask = labels != -100  # (B, T)
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden[mask]  # (N, d): prompt positions never reach the vocabulary projection
-        weight = self.model.get_output_embeddings().weight  # (V', d)
-        label_lp, s_topk, s_tail = student_logprobs(h, weight, labels[mask], topk_ids[mask] if kd else None,
+        head = self.model.get_output_embeddings()  # bias-free Linear (V', d), called per chunk
+        label_lp, s_topk, s_tail = student_logprobs(h, head, labels[mask], topk_ids[mask] if kd else None,
                                                     self.vocab, self.chunk_size, self.softcap)
         ce_sum = -label_lp.sum() if self.ce_weight > 0 else label_lp.sum() * 0.0
         kd_sum = kd_per_token(s_topk, s_tail, topk_logprobs[mask], tail_logprob[mask],
@@ -145,13 +145,16 @@ class StudentLoss(torch.nn.Module):
 
 def check_chunked_head(model, vocab: int, input_ids: torch.Tensor) -> None:
     """The chunked path rebuilds logits as hidden @ W^T; refuse models whose head does more (scales, biases)."""
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
     with torch.no_grad():
         ref = model(input_ids=input_ids[:1, :8]).logits[0, :, :vocab].float()
         h = model.get_decoder()(input_ids=input_ids[:1, :8]).last_hidden_state[0]
-        z = (h @ model.get_output_embeddings().weight[:vocab].T).float()
+        z = model.get_output_embeddings()(h)[:, :vocab].float()
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             z = cap * torch.tanh(z / cap)
+    model.train(was_training)
     if not torch.allclose(z, ref, atol=1e-3, rtol=1e-3):
         raise UserError(f"train: this model's output head is not a plain linear projection "
                         f"({type(model).__name__}); set loss_chunk_size=0 to use its full logits")
@@ -178,14 +181,17 @@ def build_student(cfg: TrainConfig, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_student(model, tokenizer, directory: Path) -> None:
-    """Save a model + tokenizer that load with AutoModelForCausalLM / AutoTokenizer and stop at EOS."""
+def save_student(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """Save a model + tokenizer that load with AutoModelForCausalLM / AutoTokenizer and stop at EOS.
+
+    state_dict: full weights gathered by `accelerator.get_state_dict` (needed when FSDP / ZeRO-3 shard them).
+    """
     tmp = directory.parent / f".{directory.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     directory.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
@@ -193,14 +199,84 @@ def save_student(model, tokenizer, directory: Path) -> None:
     tmp.rmdir()
 
 
-def _infinite(loader):
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            yield batch
-        epoch += 1
+STATE_FILE = "trainer_state.json"
+# Settings that may differ when a run is resumed: they change what is logged or kept, not the weights.
+RESUMABLE_CHANGES = {"log_every", "save_every", "keep_checkpoints", "resume", "overwrite", "report_to", "eval_every"}
+
+
+def resume_point(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, None to start fresh; refuses an output_dir that holds another run.
+
+    Every process calls this (so all of them raise together instead of some waiting forever).
+    """
+    out = Path(cfg.output_dir)
+    if cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not (out / RUN_FILE).is_file():
+        raise UserError(f"{out}: output_dir is not empty and was not written by train; choose another output_dir "
+                        "or pass overwrite=true")
+    old = json.loads((out / RUN_FILE).read_text())
+    if old.get("stage") != "train":
+        raise UserError(f"{out}: holds a '{old.get('stage')}' run, not 'train'; choose another output_dir")
+    new = config_to_dict(cfg)
+    diff = [k for k in sorted(set(old["config"]) | set(new))
+            if k not in RESUMABLE_CHANGES and old["config"].get(k) != new.get(k)]
+    if diff:
+        what = "; ".join(f"{k}: {old['config'].get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
+        raise UserError(f"{out}: holds a run with other settings ({what}); resuming would not reproduce it - "
+                        "choose another output_dir, or pass overwrite=true to start over")
+    if (out / STATE_FILE).is_file():
+        raise UserError(f"{out}: this run has finished; pass overwrite=true to train again, or choose another "
+                        "output_dir")
+    if not cfg.resume:
+        raise UserError(f"{out}: holds an unfinished run; resume=true continues it, overwrite=true starts over")
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def row_lengths(ds, retokenize: bool) -> list[int]:
+    """Per-row length for batching, read from the Arrow columns without decoding the rows."""
+    import pyarrow.compute as pc
+
+    table = ds.data
+    if retokenize:  # characters of the answer: a proxy that only has to order rows
+        return pc.utf8_length(table.column("completion")).to_pylist()
+    return pc.add(pc.list_value_length(table.column("prompt_token_ids")),
+                  pc.list_value_length(table.column("completion_token_ids"))).to_pylist()
+
+
+def epoch_batches(lengths: list[int], global_batch: int, epoch: int, seed: int, group_by_length: bool) -> list[list[int]]:
+    """The global batches (row indices, one per optimiser step) of one epoch, the same on every process.
+
+    A seeded permutation per epoch; an incomplete last global batch is filled up with rows from the start of
+    the permutation (as accelerate's even batches do), so every process always has full micro-batches.
+    With group_by_length, rows are sorted by length inside windows of 64 global batches and each batch is sorted
+    too, so its micro-batches hold rows of similar length; the batch order is then shuffled. Batches depend on
+    the global batch size only, so 1 process x 4 micro-batches and 4 processes x 1 see the same rows per step.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    fill = -len(order) % global_batch
+    order += (order * (fill // len(order) + 1))[:fill]
+    if group_by_length:
+        window = 64 * global_batch
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
+    batches = [order[s:s + global_batch] for s in range(0, len(order), global_batch)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        import importlib.util
+
+        has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        return ["tensorboard"] if has_tb else None
+    return [t.strip() for t in report_to.split(",") if t.strip()]
 
 
 def main(cfg: TrainConfig) -> str:
@@ -209,20 +285,28 @@ def main(cfg: TrainConfig) -> str:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    # Without CUDA, cpu=True makes `accelerate launch --multi_gpu --num_processes N` run real DDP over gloo.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        check_output_dir(cfg.output_dir, "train", config_to_dict(cfg), cfg.overwrite)
+    resume_from = resume_point(cfg)
+    trackers = _trackers(cfg.report_to)
+    # Without CUDA, cpu=True makes `accelerate launch --multi_gpu --num_processes N` run real DDP over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                              log_with=trackers, project_dir=str(out))
+    world, rank = accelerator.num_processes, accelerator.process_index
 
-    if not Path(cfg.dataset).is_dir():
-        raise UserError(f"{cfg.dataset}: dataset directory not found (write one with `llm-distill generate`)")
-    try:
-        ds = load_from_disk(cfg.dataset)
-    except Exception as e:
-        raise UserError(f"{cfg.dataset}: not a datasets directory ({type(e).__name__})") from None
-    if len(ds) == 0:
-        raise UserError(f"{cfg.dataset}: the dataset has no rows")
+    def load_teacher_data(path: str):
+        if not Path(path).is_dir():
+            raise UserError(f"{path}: dataset directory not found (write one with `llm-distill generate`)")
+        try:
+            ds = load_from_disk(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a datasets directory ({type(e).__name__})") from None
+        if len(ds) == 0:
+            raise UserError(f"{path}: the dataset has no rows")
+        if "completion" not in ds.column_names or "messages" not in ds.column_names:
+            raise UserError(f"{path}: needs 'messages' and 'completion' columns")
+        return ds
+
+    ds = load_teacher_data(cfg.dataset)
     prov = read_provenance(cfg.dataset)
     tok_path = cfg.student or cfg.tokenizer or prov.get("teacher")
     if not tok_path:
@@ -239,10 +323,11 @@ def main(cfg: TrainConfig) -> str:
                         f"student's {tok_path} ({tokenizer_hash(tokenizer)}); token-level KD needs the same vocabulary "
                         "- use a student of the teacher's family, or set kd_weight=0 for CE on the re-tokenised text")
     retokenize = not same_tokenizer or "prompt_token_ids" not in ds.column_names
-    if "completion" not in ds.column_names or "messages" not in ds.column_names:
-        raise UserError(f"{cfg.dataset}: needs 'messages' and 'completion' columns")
 
     model = build_student(cfg, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -254,10 +339,19 @@ def main(cfg: TrainConfig) -> str:
     if emb < len(tokenizer):
         raise UserError(f"train: the student's embedding has {emb} rows but the tokenizer has {len(tokenizer)} tokens")
     max_len = cfg.max_seq_len or context_length(model) or 4096
-    rows = TeacherRows(ds, tokenizer, retokenize, with_topk and cfg.kd_weight > 0, max_len)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(rows, batch_size=cfg.micro_batch_size, shuffle=True, generator=generator,
-                                         collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id))
+    kd = with_topk and cfg.kd_weight > 0
+    rows = TeacherRows(ds, tokenizer, retokenize, kd, max_len)
+    lengths = row_lengths(rows.ds, retokenize)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_ds = load_teacher_data(cfg.eval_dataset)
+        if kd and "topk_token_ids" not in eval_ds.column_names:
+            raise UserError(f"{cfg.eval_dataset}: eval_dataset has no teacher logprobs (topk_token_ids)")
+        if kd and read_provenance(cfg.eval_dataset).get("tokenizer_hash") != prov.get("tokenizer_hash"):
+            raise UserError(f"{cfg.eval_dataset}: eval_dataset comes from another tokenizer than dataset")
+        eval_rows = TeacherRows(eval_ds, tokenizer, retokenize, kd, max_len)
+
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -271,38 +365,119 @@ def main(cfg: TrainConfig) -> str:
     step_loss = StudentLoss(model, vocab, cfg.loss_chunk_size, cfg.kd_weight, cfg.ce_weight, cfg.kd_topk,
                             divergences=cfg.kd_divergences, temperature=cfg.kd_temperature, beta=cfg.jsd_beta,
                             alpha=cfg.skew_alpha, renormalized_topk=cfg.renormalized_topk)
-    step_loss, optimizer, loader = accelerator.prepare(step_loss, optimizer, loader)
+    # The scheduler is stepped once per optimiser step by hand (a prepared one steps once per process), and is
+    # registered so that save_state / load_state carry it.
+    step_loss, optimizer = accelerator.prepare(step_loss, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
+    start = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "state"))  # weights, optimiser, scheduler, every process's RNG
+        start = json.loads((resume_from / STATE_FILE).read_text())["step"]
+    metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_run_record(out, "train", config_to_dict(cfg))
+        for stale in (out / "checkpoints").glob(".step-*.tmp"):  # a checkpoint a killed run did not finish
+            shutil.rmtree(stale, ignore_errors=True)
+        if metrics_file.exists():  # drop what a killed run logged after the checkpoint we continue from
+            kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+            metrics_file.write_text("".join(l + "\n" for l in kept))
         print(f"train: student {count_parameters(model):,} params ({sum(p.numel() for p in trainable):,} trained), "
               f"{len(rows)} rows, "
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
-              f"{accelerator.num_processes} process(es)")
-    metrics_file = out / "metrics.jsonl"
+              f"{world} process(es)" + (f", resuming at step {start} from {resume_from}" if start else ""))
+    accelerator.wait_for_everyone()
+    if trackers:
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                   for k, v in config_to_dict(cfg).items()}
+        accelerator.init_trackers("tensorboard", config=hparams)
+
+    def to_device(b: dict) -> dict:
+        return {k: v.to(accelerator.device) for k, v in b.items()}
+
+    epoch_cache: dict = {}
+
+    def micro_batch(step: int, i: int) -> dict:
+        """Micro-batch i of this process for optimiser step `step` (1-based), a pure function of (step, i)."""
+        epoch_len = -(-len(lengths) // global_batch)
+        epoch, j = divmod(step - 1, epoch_len)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(lengths, global_batch, epoch, cfg.seed, cfg.group_by_length)
+        lo = (i * world + rank) * cfg.micro_batch_size
+        idx = epoch_cache[epoch][j][lo:lo + cfg.micro_batch_size]
+        return collate([rows[r] for r in idx], tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def evaluate_loss() -> dict:
+        """KD and CE per completion token on eval_dataset, summed over every process's share of its rows."""
+        step_loss.eval()
+        share = list(range(rank, len(eval_rows), world))
+        n_batches = -(-len(eval_rows) // (world * cfg.micro_batch_size))  # the same on every process
+        sums = torch.zeros(3, device=accelerator.device)
+        for n in range(n_batches):
+            idx = share[n * cfg.micro_batch_size:(n + 1) * cfg.micro_batch_size]
+            # A process without rows left still runs a forward (DDP forwards are collective) and adds nothing.
+            b = to_device(collate([eval_rows[r] for r in (idx or share[:1])], tokenizer.pad_token_id))
+            kd_sum, ce_sum = step_loss(**b)
+            if idx:
+                sums += torch.stack([kd_sum.float(), ce_sum.float(), (b["labels"] != -100).sum().float()])
+        sums = accelerator.reduce(sums, reduction="sum")
+        step_loss.train()
+        tokens = max(float(sums[2]), 1.0)
+        kd_tok, ce_tok = float(sums[0]) / tokens, float(sums[1]) / tokens
+        return {"eval_kd": kd_tok, "eval_ce": ce_tok, "eval_loss": cfg.kd_weight * kd_tok + cfg.ce_weight * ce_tok}
+
+    def save_model(directory: Path) -> None:
+        state = accelerator.get_state_dict(step_loss)  # full weights (gathered under FSDP / ZeRO-3); collective
+        if accelerator.is_main_process:
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            save_student(accelerator.unwrap_model(step_loss).model, tokenizer, directory, state_dict=state)
+
+    def save_checkpoint(step: int) -> None:
+        """checkpoints/step-N: the student + `state/`; written under a hidden name and renamed when complete."""
+        root = out / "checkpoints"
+        tmp, final = root / f".step-{step:06d}.tmp", root / f"step-{step:06d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))  # every process adds its RNG state
+        save_model(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "processes": world}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+            for old in done[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
     step_loss.train()
-    data = _infinite(loader)
-    bar = tqdm(total=cfg.max_steps, desc="train", disable=not accelerator.is_main_process)
-    window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "t0": time.perf_counter()}
-    for step in range(1, cfg.max_steps + 1):
-        micro = [next(data) for _ in range(cfg.grad_accum_steps)]
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
+    window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter()}
+    for step in range(start + 1, cfg.max_steps + 1):
+        micro = [micro_batch(step, i) for i in range(cfg.grad_accum_steps)]
         local = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), device=accelerator.device)
         step_tokens = int(accelerator.reduce(local, reduction="sum"))  # all micro-batches, all processes
         kd_step = ce_step = torch.zeros((), device=accelerator.device)
         for i, b in enumerate(micro):
+            b = to_device(b)
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
             sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(step_loss)
             with sync:
                 kd_sum, ce_sum = step_loss(**b)
                 # x num_processes undoes DDP's gradient averaging: the gradient is that of the global token mean.
-                loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) * accelerator.num_processes / max(step_tokens, 1)
+                loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) * world / max(step_tokens, 1)
                 accelerator.backward(loss)
-            kd_step = kd_step + kd_sum.detach()
-            ce_step = ce_step + ce_sum.detach()
+            kd_step = kd_step + kd_sum.detach().float()
+            ce_step = ce_step + ce_sum.detach().float()
             window["seen"] += int(b["attention_mask"].sum())
+            window["positions"] += b["attention_mask"].numel()
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(step_loss.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -315,28 +490,39 @@ def main(cfg: TrainConfig) -> str:
         window["tokens"] += step_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            seen = int(accelerator.reduce(torch.tensor(window["seen"], device=accelerator.device), reduction="sum"))
+            seen, positions = accelerator.reduce(torch.tensor([window["seen"], window["positions"]],
+                                                              device=accelerator.device), reduction="sum").tolist()
             elapsed = time.perf_counter() - window["t0"]
             rec = {"step": step, "lr": scheduler.get_last_lr()[0],
                    "kd": window["kd"] / max(window["tokens"], 1), "ce": window["ce"] / max(window["tokens"], 1),
-                   "completion_tokens": window["tokens"], "tokens_per_s": seen / max(elapsed, 1e-9)}
+                   "completion_tokens": window["tokens"], "tokens_per_s": seen / max(elapsed, 1e-9),
+                   "padding_fraction": 1 - seen / max(positions, 1)}
             rec["loss"] = cfg.kd_weight * rec["kd"] + cfg.ce_weight * rec["ce"]
+            if eval_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                rec.update(evaluate_loss())
             if accelerator.is_main_process:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", kd=f"{rec['kd']:.4f}", ce=f"{rec['ce']:.4f}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
+            accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
             if not math.isfinite(rec["loss"]):
                 raise UserError(f"train: loss became {rec['loss']} at step {step}; lower learning_rate")
-            window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "t0": time.perf_counter()}
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            accelerator.wait_for_everyone()
+            window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter()}
+        elif eval_rows is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            ev = evaluate_loss()
             if accelerator.is_main_process:
-                save_student(accelerator.unwrap_model(step_loss).model, tokenizer, out / "checkpoints" / f"step-{step:06d}")
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps({"step": step, **ev}) + "\n")
+            accelerator.log(ev, step=step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(step)
     bar.close()
     accelerator.wait_for_everyone()
+    save_model(out)
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(step_loss).model, tokenizer, out)
+        # Written last: its presence means the final student is complete (a rerun then refuses to resume).
+        (out / STATE_FILE).write_text(json.dumps({"step": cfg.max_steps, "finished": True}))
         print(f"train: saved student -> {out}")
     accelerator.end_training()
     return str(out)

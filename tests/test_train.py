@@ -46,7 +46,8 @@ def test_loss_is_invariant_to_micro_batch_split(teacher_data, tmp_path):
     for key, (w, loss) in runs.items():
         assert loss == __import__("pytest").approx(ref_loss, rel=1e-5), key
         for name in ref_w:
-            assert torch.allclose(w[name], ref_w[name], atol=1e-6), (key, name)
+            # float32 sums in another order, then AdamW's division by sqrt(v): ~1e-6 apart after 3 steps
+            assert torch.allclose(w[name], ref_w[name], atol=1e-5), (key, name)
 
 
 def test_kd_refuses_a_different_tokenizer_but_ce_retokenises(teacher_data, tmp_path):
@@ -83,7 +84,7 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     import sys
 
     common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "learning_rate=1e-2",
-              "lr_scheduler=constant", "log_every=1"]
+              "lr_scheduler=constant", "log_every=1", f"eval_dataset={teacher_data}", "eval_every=2"]
     run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=4")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -97,6 +98,10 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     for a, b in zip(one, two):
         assert a["completion_tokens"] == b["completion_tokens"]
         assert b["loss"] == __import__("pytest").approx(a["loss"], rel=1e-5)
+    # Held-out loss: each process scores its share of the rows and the sums are gathered.
+    assert [m["step"] for m in two if "eval_loss" in m] == [2, 3]
+    for a, b in zip(one[1:], two[1:]):
+        assert b["eval_loss"] == __import__("pytest").approx(a["eval_loss"], rel=1e-5)
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name
@@ -160,3 +165,83 @@ def test_lora_student_adapter_loads_and_exports(teacher_data, tiny_teacher, tmp_
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, plain, atol=1e-4), "the adapter was trained"
     assert (merged_dir / "tokenizer_config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+
+
+def _popen_train(args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "llm_distill", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_killed_run_resumes_to_the_same_weights(teacher_data, tmp_path):
+    """SIGKILL at several points (after a checkpoint, between checkpoints, while one is being written), then a
+    rerun of the same command: the final weights and the logged losses equal an uninterrupted run's. Dropout is
+    on, so the restored RNG state matters."""
+    import time
+
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "student_config.attention_dropout=0.2", "max_steps=40",
+              "micro_batch_size=4", "learning_rate=1e-2", "log_every=1", "save_every=5", "keep_checkpoints=2"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    args = [*common, f"output_dir={out}"]
+    ckpt = out / "checkpoints"
+    triggers = [lambda: (ckpt / "step-000010").is_dir(),
+                lambda: (ckpt / "step-000020").is_dir() and time.sleep(0.15) is None,
+                lambda: any(ckpt.glob(".step-000030.tmp*")) or (ckpt / "step-000030").is_dir()]
+    for trigger in triggers:
+        proc = _popen_train(args)
+        while proc.poll() is None and not trigger():
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -9, f"the run finished before it could be killed: {proc.stderr.read()[-500:]}"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000025", "step-000030"] or \
+        sorted(p.name for p in ckpt.glob("step-*")) == ["step-000020", "step-000025"], "keeps the newest 2"
+    proc = run_cli("train", *args)
+    assert "resuming at step" in proc.stdout
+    a, b = _weights(tmp_path / "straight"), _weights(out)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").open()]
+    resumed = [json.loads(l) for l in (out / "metrics.jsonl").open()]
+    assert [m["step"] for m in resumed] == list(range(1, 41)), "every step logged exactly once"
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+
+    # A finished run is not trained again, and a changed setting is named rather than silently mixed in.
+    proc = run_cli("train", *args, check=False)
+    assert proc.returncode == 2 and "has finished" in proc.stderr
+    (out / "trainer_state.json").unlink()
+    proc = run_cli("train", *args, "learning_rate=5e-3", "log_every=2", check=False)
+    assert proc.returncode == 2 and "learning_rate: 0.01 there, 0.005 now" in proc.stderr
+    assert "log_every" not in proc.stderr, "logging settings may change on resume"
+
+
+def test_tensorboard_bf16_gradient_checkpointing_and_length_grouping(teacher_data, tmp_path):
+    """Trackers write TensorBoard scalars; gradient checkpointing gives the same run; bf16 autocast trains to a
+    close loss; grouping rows by length cuts the padding."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=4", "micro_batch_size=6", "learning_rate=1e-2",
+              "log_every=1"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'plain'}", "group_by_length=false")
+    run_cli("train", *common, f"output_dir={tmp_path / 'ckpt'}", "group_by_length=false", "gradient_checkpointing=true")
+    run_cli("train", *common, f"output_dir={tmp_path / 'grouped'}", "mixed_precision=bf16")
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+    logs = {run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").open()] for run in ("plain", "grouped")}
+    pad = {run: sum(m["padding_fraction"] for m in ms) / len(ms) for run, ms in logs.items()}
+    assert pad["grouped"] < pad["plain"], pad
+    # bf16 autocast (CPU here): another data order, so only the scale of the loss is compared.
+    assert abs(logs["grouped"][0]["loss"] - logs["plain"][0]["loss"]) < 0.1 * logs["plain"][0]["loss"]
+
+    events = [p for p in (tmp_path / "plain" / "tensorboard").rglob("events.out.tfevents.*")]
+    scalars = {}
+    for e in events:
+        acc = EventAccumulator(str(e)).Reload()
+        scalars.update({tag: [ev.value for ev in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    assert len(scalars["loss"]) == 4 and scalars["loss"][0] == __import__("pytest").approx(logs["plain"][0]["loss"])
