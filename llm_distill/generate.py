@@ -403,9 +403,14 @@ def main(cfg: GenerateConfig) -> str:
     check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
-    backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
-                                  num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    if cfg.backend == "vllm":
+        from .vllm_backend import backend_from_config
+
+        backend = backend_from_config(cfg)
+    else:
+        backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
+                                      num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
     tokenizer = backend.tokenizer
     k = min(cfg.logprobs, backend.vocab_size)
     ctx = backend.context_length()
