@@ -121,6 +121,8 @@ class StudentLoss(torch.nn.Module):
         self.model, self.vocab, self.chunk_size = model, vocab, chunk_size
         self.kd_weight, self.ce_weight, self.kd_topk, self.kd_options = kd_weight, ce_weight, kd_topk, kd_options
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        # FSDP's transformer-based auto wrap reads the layer classes to shard from the prepared module.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail_logprob=None):
         kd = self.kd_weight > 0
@@ -292,6 +294,9 @@ def main(cfg: TrainConfig) -> str:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               log_with=trackers, project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum_steps > 1:
+        raise UserError("train: under DeepSpeed keep grad_accum_steps=1 (DeepSpeed steps the optimiser inside "
+                        "backward); raise micro_batch_size or the number of GPUs instead")
 
     def load_teacher_data(path: str):
         if not Path(path).is_dir():
@@ -388,7 +393,8 @@ def main(cfg: TrainConfig) -> str:
         print(f"train: student {count_parameters(model):,} params ({sum(p.numel() for p in trainable):,} trained), "
               f"{len(rows)} rows, "
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
-              f"{world} process(es)" + (f", resuming at step {start} from {resume_from}" if start else ""))
+              f"{world} process(es) ({accelerator.distributed_type.value}, "
+              f"{accelerator.mixed_precision} mixed precision)" + (f", resuming at step {start} from {resume_from}" if start else ""))
     accelerator.wait_for_everyone()
     if trackers:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)

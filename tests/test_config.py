@@ -21,6 +21,25 @@ def test_every_recipe_parses(path):
     assert path.read_text().startswith("#"), "every recipe opens with a comment giving the command"
 
 
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_accelerate_config_parses(path):
+    """accelerate's own loader reads each launch config (it rejects unknown keys); the header gives the command."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.mixed_precision == "bf16"
+    assert f"accelerate launch --config_file recipes/accelerate/{path.name} -m llm_distill train" in path.read_text()
+    kinds = {c.distributed_type.value for c in map(load_config_from_file, map(str, ACCELERATE_CONFIGS))}
+    assert kinds == {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    if cfg.distributed_type.value == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+    if cfg.distributed_type.value == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] in (2, 3) and cfg.deepspeed_config["gradient_accumulation_steps"] == 1
+
+
 def test_there_are_recipes():
     assert len(recipe_files()) >= 4
 

@@ -1,6 +1,7 @@
 """train through the real CLI: a loadable student, tokenizer checks, and micro-batch invariance."""
 
 import json
+from pathlib import Path
 
 import torch
 from conftest import STUDENT_CONFIG, run_cli
@@ -86,12 +87,14 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "learning_rate=1e-2",
               "lr_scheduler=constant", "log_every=1", f"eval_dataset={teacher_data}", "eval_every=2"]
     run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=4")
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # The shipped DDP launch config, with 2 processes and no bf16 (on CPU it runs over gloo).
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
                            "-m", "llm_distill", "train", *common, f"output_dir={tmp_path / 'two'}",
-                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                          cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es) (MULTI_CPU" in proc.stdout
     one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").open()]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").open()]
     assert len(two) == 3, "only the main process writes metrics"
