@@ -183,6 +183,32 @@ def build_student(cfg: TrainConfig, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
+def check_alignment(ds, tokenizer, tok_path: str, n: int = 64) -> int:
+    """Before token-level KD: the first n rows must mean the same under the student's tokenizer.
+
+    The prompt ids must equal the student's own chat-template encoding (a template applied differently at capture
+    and at training shifts every position), and the completion ids must decode to the stored text. Re-encoding
+    that text may give other ids (a sampled, non-canonical split is normal); those rows are counted, not refused.
+    Returns that count.
+    """
+    rows = ds.select(range(min(n, len(ds)))).select_columns(
+        ["id", "messages", "prompt_token_ids", "completion", "completion_token_ids"])
+    resplit = 0
+    for row in rows:
+        if encode_prompt(tokenizer, row["messages"], tok_path) != list(row["prompt_token_ids"]):
+            raise UserError(f"dataset row {row['id']!r}: the stored prompt ids differ from the student tokenizer's "
+                            f"chat-template encoding ({tok_path}); the teacher applied another chat template - "
+                            "regenerate with the same template, or set kd_weight=0 to re-tokenise the text")
+        text = tokenizer.decode(row["completion_token_ids"], skip_special_tokens=True)
+        if text != row["completion"]:
+            raise UserError(f"dataset row {row['id']!r}: completion_token_ids decode to {text[:40]!r} with the "
+                            f"student tokenizer, not the stored {row['completion'][:40]!r}; the dataset does not "
+                            "match this tokenizer")
+        ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        resplit += ids != [t for t in row["completion_token_ids"] if t not in tokenizer.all_special_ids]
+    return resplit
+
+
 def save_student(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Save a model + tokenizer that load with AutoModelForCausalLM / AutoTokenizer and stop at EOS.
 
@@ -328,6 +354,7 @@ def main(cfg: TrainConfig) -> str:
                         f"student's {tok_path} ({tokenizer_hash(tokenizer)}); token-level KD needs the same vocabulary "
                         "- use a student of the teacher's family, or set kd_weight=0 for CE on the re-tokenised text")
     retokenize = not same_tokenizer or "prompt_token_ids" not in ds.column_names
+    resplit = check_alignment(ds, tokenizer, tok_path) if cfg.kd_weight > 0 else 0
 
     model = build_student(cfg, tokenizer)
     if cfg.gradient_checkpointing:
@@ -394,7 +421,9 @@ def main(cfg: TrainConfig) -> str:
               f"{len(rows)} rows, "
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
               f"{world} process(es) ({accelerator.distributed_type.value}, "
-              f"{accelerator.mixed_precision} mixed precision)" + (f", resuming at step {start} from {resume_from}" if start else ""))
+              f"{accelerator.mixed_precision} mixed precision)"
+              + (f"; {resplit} of the first 64 completions re-encode to other ids (sampled splits)" if resplit else "")
+              + (f", resuming at step {start} from {resume_from}" if start else ""))
     accelerator.wait_for_everyone()
     if trackers:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)

@@ -248,3 +248,22 @@ def test_tensorboard_bf16_gradient_checkpointing_and_length_grouping(teacher_dat
         acc = EventAccumulator(str(e)).Reload()
         scalars.update({tag: [ev.value for ev in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
     assert len(scalars["loss"]) == 4 and scalars["loss"][0] == __import__("pytest").approx(logs["plain"][0]["loss"])
+
+
+def test_kd_refuses_rows_the_student_tokenizer_reads_differently(teacher_data, tmp_path):
+    """Same vocabulary but another chat template at capture (shifted prompt ids), or ids that do not decode to
+    the stored text: one-line errors naming the row, before any training."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(teacher_data))
+    cases = {"template": lambda r: {"prompt_token_ids": r["prompt_token_ids"][1:]},
+             "text": lambda r: {"completion": r["completion"] + "!"}}
+    for name, change in cases.items():
+        path = tmp_path / name
+        ds.map(lambda r, i: change(r) if i == 1 else {}, with_indices=True).save_to_disk(str(path))
+        (path / "provenance.json").write_text((teacher_data / "provenance.json").read_text())
+        proc = run_cli("train", f"dataset={path}", f"output_dir={tmp_path / ('o' + name)}", *STUDENT_CONFIG,
+                       "max_steps=1", check=False)
+        assert proc.returncode == 2 and f"dataset row {ds[1]['id']!r}" in proc.stderr, proc.stderr[-800:]
+        assert ("chat-template encoding" if name == "template" else "decode to") in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
