@@ -278,6 +278,12 @@ class EvaluateConfig:
     """k of the teacher top-k used for KL(teacher || student) on the teacher's held-out answers."""
     batch_size: int = 32
     """Prompts per generation batch."""
+    backend: str = "auto"
+    """Generation engine: `auto` (vLLM when it is installed and a CUDA GPU is visible, else transformers),
+    `transformers`, or `vllm`. LoRA adapter directories are always generated with transformers (merged)."""
+    gpu_memory_utilization: float = 0.5
+    """backend=vllm: share of GPU memory the engine may take (the model is also loaded with transformers for KL
+    and NLL, after the engine is shut down)."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, ..."""
     dtype: str = "auto"
@@ -303,6 +309,9 @@ class EvaluateConfig:
         _check(self.bootstrap >= 0 and self.latency_prompts >= 0, "evaluate: bootstrap and latency_prompts must be >= 0")
         _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
         _check(self.batch_size >= 1, "evaluate: batch_size must be >= 1")
+        _check(self.backend in ("auto", "transformers", "vllm"),
+               f"evaluate: backend '{self.backend}' is not one of auto, transformers, vllm")
+        _check(0 < self.gpu_memory_utilization <= 1, "evaluate: gpu_memory_utilization must be in (0, 1]")
         _check(self.limit is None or self.limit >= 1, "evaluate: limit must be >= 1")
 
 

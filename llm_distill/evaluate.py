@@ -78,6 +78,41 @@ def answer_all(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: in
     return results, n_tokens, elapsed
 
 
+def resolve_backend(name: str) -> str:
+    """`auto` -> vllm when it imports and a CUDA device is visible, else transformers."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+
+
+def answer_all_vllm(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]], k: int, seeds: list[int]):
+    """Per seed: (completions, tokens, seconds) from one vLLM engine; then batch-1 latency; the engine is shut
+    down before returning so that the transformers copy (for KL and NLL) has the GPU."""
+    import gc
+
+    from .vllm_backend import VLLMBackend
+
+    engine = VLLMBackend(path, k=k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                         dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    runs = []
+    for seed in seeds:
+        engine.seed = seed  # each request is seeded from (seed, prompt, sample)
+        t0 = time.perf_counter()
+        outs = [c[0] for c in engine.generate(prompt_ids, progress=lambda *_: None)]
+        runs.append((outs, sum(len(c.token_ids) for c in outs), time.perf_counter() - t0))
+    times = []
+    for p in prompt_ids[:cfg.latency_prompts]:
+        t0 = time.perf_counter()
+        engine.generate([p], progress=lambda *_: None)
+        times.append(time.perf_counter() - t0)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return runs, (statistics.median(times) if times else None)
+
+
 def latency(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> float:
     """Median seconds to answer one prompt on its own (batch 1, greedy)."""
     stop = eos_ids(model, tokenizer)
@@ -216,7 +251,13 @@ def main(cfg: EvaluateConfig) -> dict:
             load_tokenizer(path)
     seeds = cfg.seeds if cfg.temperature > 0 else [0]
     protocol = "greedy" if cfg.temperature == 0 else f"T={cfg.temperature}, top_p={cfg.top_p}, seeds {seeds}"
-    report = {"prompts": cfg.prompts, "num_prompts": len(prompts), "protocol": protocol, "models": {}, "notes": []}
+    backend = resolve_backend(cfg.backend)
+    if backend == "vllm":
+        from .vllm_backend import require_vllm
+
+        require_vllm()  # a one-line error on a machine without vLLM or CUDA, before any model loads
+    report = {"prompts": cfg.prompts, "num_prompts": len(prompts), "protocol": protocol, "backend": backend,
+              "models": {}, "notes": []}
     if not prompts:
         report["notes"].append("the held-out set is empty: only size metrics are reported")
     elif not has_refs:
@@ -233,6 +274,12 @@ def main(cfg: EvaluateConfig) -> dict:
     answers: dict[str, list[str]] = {}
     teacher_examples, teacher_hash = None, None
     for name, path in models:
+        is_teacher = name == "teacher" and bool(cfg.teacher)
+        engine_runs = None
+        if backend == "vllm" and prompts and not (Path(path) / "adapter_config.json").is_file():
+            tok = load_tokenizer(path)
+            engine_runs = answer_all_vllm(path, cfg, [encode_prompt(tok, p.messages, path) for p in prompts],
+                                          cfg.logprobs if is_teacher else 1, seeds)
         model, tokenizer, info = load_for_eval(path, device, dtype)
         m = {"path": path, "params": count_parameters(model)}
         if "disk_bytes" in info:
@@ -250,17 +297,22 @@ def main(cfg: EvaluateConfig) -> dict:
                 raise UserError(f"{p.where}: prompt {p.id!r} has {len(enc)} tokens; with max_new_tokens="
                                 f"{cfg.max_new_tokens} it exceeds {name}'s context of {ctx}")
             ids.append(enc)
-        is_teacher = name == "teacher" and bool(cfg.teacher)
         runs, n_tokens, elapsed, first_outs = [], 0, 0.0, None
-        for seed in seeds:
-            outs, n, secs = answer_all(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
-                                       cfg.logprobs if is_teacher else 1, cfg.temperature, cfg.top_p, seed)
+        for r, seed in enumerate(seeds):
+            if engine_runs:
+                outs, n, secs = engine_runs[0][r]
+            else:
+                outs, n, secs = answer_all(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
+                                           cfg.logprobs if is_teacher else 1, cfg.temperature, cfg.top_p, seed)
             first_outs = first_outs or outs
             runs.append([tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs])
             n_tokens, elapsed = n_tokens + n, elapsed + secs
         answers[name] = runs[0]
         m.update(tokens_per_s=n_tokens / max(elapsed, 1e-9), mean_completion_tokens=n_tokens / len(prompts) / len(runs))
-        if cfg.latency_prompts:
+        m["backend"] = "vllm" if engine_runs else "transformers"
+        if engine_runs and engine_runs[1] is not None:
+            m["latency_s"] = engine_runs[1]
+        elif cfg.latency_prompts:
             m["latency_s"] = latency(model, tokenizer, ids[:cfg.latency_prompts], cfg.max_new_tokens)
         scores: dict[str, list[float]] = {}
         if has_refs:

@@ -59,6 +59,12 @@ def test_without_references_degrades(tiny_teacher, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert "exact_match" not in report["models"]["teacher"]
     assert any("exact match and ROUGE-L vs reference not computed" in n for n in report["notes"])
+    # backend=auto picks transformers here (no CUDA); asking for vLLM without a GPU is a one-line error.
+    assert report["backend"] == "transformers" and report["models"]["teacher"]["backend"] == "transformers"
+    proc = run_cli("evaluate", f"prompts={f}", f"teacher={tiny_teacher}", f"output_dir={tmp_path / 'v'}",
+                   "backend=vllm", check=False)
+    assert proc.returncode == 2 and "backend=vllm needs" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "v").exists()
 
 
 def test_bootstrap_interval():
