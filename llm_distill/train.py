@@ -229,7 +229,8 @@ def save_student(model, tokenizer, directory: Path, state_dict: dict | None = No
 
 STATE_FILE = "trainer_state.json"
 # Settings that may differ when a run is resumed: they change what is logged or kept, not the weights.
-RESUMABLE_CHANGES = {"log_every", "save_every", "keep_checkpoints", "resume", "overwrite", "report_to", "eval_every"}
+RESUMABLE_CHANGES = {"log_every", "save_every", "keep_checkpoints", "resume", "overwrite", "report_to", "eval_every",
+                     "output_dir"}  # output_dir: a run directory may be moved
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
