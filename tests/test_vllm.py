@@ -1,9 +1,10 @@
 """vLLM backend contract tests against the real vLLM 0.33 classes, on CPU (the engine itself needs CUDA).
 
-Output objects are built the way vLLM builds them: `gather_logprobs` below is vLLM's Sampler.gather_logprobs
-(v1/sample/sampler.py; its module imports GPU-only packages, so the 10 lines are copied), and everything after
-it is vLLM's own code: LogprobsProcessor turns those tensors into list[dict[int, Logprob]] or FlatLogprobs,
-CompletionOutput / RequestOutput hold them. The conversion must give the rows the transformers backend stores
+Output objects are built the way vLLM builds them: `gather_logprobs` below produces the tensor layout of vLLM's
+Sampler.gather_logprobs (v1/sample/sampler.py, whose module imports GPU-only packages): slot 0 the sampled (or
+prompt) token, then the top-k, and the token's rank. Everything after it is vLLM's own code: LogprobsProcessor
+turns those tensors into list[dict[int, Logprob]] or FlatLogprobs, CompletionOutput / RequestOutput hold them.
+The conversion must give the rows the transformers backend stores
 for the same distribution (a dense float64 reduction here, and decode_batch itself on the tiny teacher).
 """
 
@@ -40,14 +41,14 @@ def vllm():
 
 
 def gather_logprobs(logprobs: torch.Tensor, k: int, token_ids: torch.Tensor):
-    """vLLM 0.33 Sampler.gather_logprobs: (N, V) logprobs, tokens (N,) -> ids (N, k+1), logprobs (N, k+1), ranks (N,).
-    Slot 0 is the sampled (or prompt) token, then torch.topk; rank counts the entries >= the token's logprob."""
-    topk_logprobs, topk_indices = torch.topk(logprobs, k, dim=-1)
-    token_ids = token_ids.unsqueeze(-1)
-    token_logprobs = logprobs.gather(-1, token_ids)
-    token_ranks = (logprobs >= token_logprobs).sum(-1)  # batched_count_greater_than
-    indices = torch.cat((token_ids, topk_indices), dim=1).to(torch.int32)
-    return indices, torch.cat((token_logprobs, topk_logprobs), dim=1), token_ranks
+    """The layout vLLM 0.33's Sampler.gather_logprobs returns for (N, V) logprobs and tokens (N,):
+    ids (N, k+1) int32 and logprobs (N, k+1) with the token first and the top-k after it, and the token's rank
+    (N,) = how many vocabulary entries have a logprob >= its own (1 = most likely)."""
+    top_lp, top_ids = logprobs.topk(k, dim=-1)  # (N, k)
+    tok_lp = logprobs.gather(-1, token_ids[:, None])  # (N, 1)
+    ranks = (logprobs >= tok_lp).sum(-1)  # (N,)
+    ids = torch.cat([token_ids[:, None], top_ids], dim=-1).to(torch.int32)  # (N, k + 1)
+    return ids, torch.cat([tok_lp, top_lp], dim=-1), ranks
 
 
 def _request(params):
