@@ -92,7 +92,8 @@ def check_logprobs(c: Completion, where: str) -> None:
             bad |= torch.isneginf(t)
         if bool(bad.any()):
             pos = int(bad.nonzero()[0, 0])
-            raise UserError(f"{where}: the teacher returned a {float(t.reshape(-1)[bad.reshape(-1)][0])} {name} logprob "
+            value = float(t.reshape(-1)[bad.reshape(-1)][0])
+            raise UserError(f"{where}: the teacher returned a {value} {name} logprob "
                             f"at completion position {pos}; its logits are broken (float16 overflow? try "
                             "dtype=float32 or bfloat16)")
 
@@ -375,7 +376,8 @@ def run_settings(cfg, tokenizer, prompts_sha: str) -> dict:
     return settings
 
 
-def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, policy: str, describe) -> tuple[list, list]:
+def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, policy: str,
+                describe) -> tuple[list, list]:
     """Drop (policy skip) or refuse (policy error) items whose length + extra exceeds the context; returns
     (kept, skipped ids)."""
     kept, skipped = [], []

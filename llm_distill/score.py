@@ -38,7 +38,8 @@ def _records(path: str, limit: int | None):
         try:
             ds = load_from_disk(str(p))
         except Exception as e:
-            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file instead") from None
+            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file "
+                            "instead") from None
         keep = [c for c in ("id", "prompt_id", "messages", "completion", "finish_reason", "prompt_token_ids",
                             "completion_token_ids") if c in ds.column_names]
         ds = ds.select_columns(keep)
