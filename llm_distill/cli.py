@@ -1,4 +1,4 @@
-"""Command line: `llm-distill {generate,score,merge,train,evaluate,export,quickstart} [recipe.yaml] [key=value ...]`."""
+"""Command line: `llm-distill {generate,score,merge,ensemble,train,evaluate,export,quickstart} [recipe.yaml] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from .errors import UserError
 
-STAGES = ("generate", "score", "merge", "train", "evaluate", "export", "quickstart")
+STAGES = ("generate", "score", "merge", "ensemble", "train", "evaluate", "export", "quickstart")
 
 
 def _quiet_libraries() -> None:
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             from .config import MergeConfig
 
             merge.main(load_config(MergeConfig, recipe, overrides))
+        elif ns.stage == "ensemble":
+            from . import ensemble
+            from .config import EnsembleConfig
+
+            ensemble.main(load_config(EnsembleConfig, recipe, overrides))
         elif ns.stage == "train":
             from . import train
 

@@ -195,6 +195,33 @@ class TrainConfig:
     `eval_every` steps and at the end."""
     eval_every: int = 0
     """Evaluate on `eval_dataset` every N steps (0: only at the end)."""
+    onpolicy_fraction: float = 0.0
+    """λ of on-policy distillation (GKD): the probability that an optimiser step trains on the student's own
+    samples for its prompts, scored by `teacher` in-process, instead of on the dataset's completions. Drawn per
+    step from (seed, step), the same on every process and on resume. 0 is plain offline training; on-policy
+    steps use the KD term only (CE on the student's own samples is not meaningful: ce_weight applies to
+    offline steps)."""
+    teacher: Optional[str] = None
+    """Teacher model directory that scores the student's samples on on-policy steps (top-k + tail, the same
+    code as `llm-distill score`); it must have the student's tokenizer. Required when onpolicy_fraction > 0."""
+    onpolicy_objective: str = "gkd"
+    """On-policy steps: `gkd` applies the token divergences (`kd_divergences`, e.g. {jsd: 1.0} with jsd_beta as
+    in GKD) to the student's samples; `minillm` (experimental) is MiniLLM's policy gradient of the sequence-level
+    reverse KL, with per-token reward log p_teacher - log q_student (options minillm_*)."""
+    onpolicy_max_new_tokens: int = 64
+    """Length limit of the student's samples on on-policy steps."""
+    onpolicy_temperature: float = 1.0
+    """Sampling temperature of the student on on-policy steps (0: greedy, gkd only)."""
+    onpolicy_logprobs: int = 20
+    """k of the teacher's top-k (+ tail) computed for the student's samples."""
+    minillm_single_step: bool = True
+    """minillm: MiniLLM's single-step decomposition: the current token's reward is replaced by the exact
+    per-position reverse KL on the teacher's k + 1 buckets (lower variance); future tokens keep the sampled reward."""
+    minillm_teacher_mix: float = 0.0
+    """minillm: α of teacher-mixed sampling: tokens are drawn from α·p_teacher + (1-α)·q_student and the
+    gradient is reweighted per token by q/(mixture) (MiniLLM uses 0.2)."""
+    minillm_length_norm: bool = True
+    """minillm: use the mean, not the sum, of the future rewards (MiniLLM's length normalisation)."""
     overwrite: bool = False
     """Replace an existing output directory instead of refusing."""
 
@@ -239,6 +266,20 @@ class TrainConfig:
         _check(self.mixed_precision in (None, "no", "bf16", "fp16"),
                f"train: mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16")
         _check(self.eval_every >= 0, "train: eval_every must be >= 0")
+        _check(0.0 <= self.onpolicy_fraction <= 1.0, "train: onpolicy_fraction must be in [0, 1]")
+        _check(self.onpolicy_objective in ("gkd", "minillm"),
+               f"train: onpolicy_objective '{self.onpolicy_objective}' is not one of gkd, minillm")
+        _check(self.onpolicy_max_new_tokens >= 1, "train: onpolicy_max_new_tokens must be >= 1")
+        _check(self.onpolicy_temperature >= 0, "train: onpolicy_temperature must be >= 0 (0 = greedy)")
+        _check(self.onpolicy_logprobs >= 1, "train: onpolicy_logprobs must be >= 1")
+        _check(0.0 <= self.minillm_teacher_mix < 1.0, "train: minillm_teacher_mix must be in [0, 1)")
+        if self.onpolicy_fraction > 0:
+            _check(bool(self.teacher), "train: onpolicy_fraction > 0 needs 'teacher' (the teacher model directory "
+                                       "that scores the student's samples), e.g. teacher=data/tiny_task/teacher")
+            _check(self.kd_weight > 0, "train: onpolicy_fraction > 0 needs kd_weight > 0 (on-policy steps train "
+                                       "the KD term only)")
+            _check(self.onpolicy_objective != "minillm" or self.onpolicy_temperature > 0,
+                   "train: onpolicy_objective=minillm samples from the student; set onpolicy_temperature > 0")
 
 
 @dataclass
@@ -397,6 +438,28 @@ class MergeConfig:
                "merge: 'inputs' must be a non-empty list of shard directories, e.g. inputs=[runs/part0,runs/part1]")
         _check(len(set(self.inputs)) == len(self.inputs), "merge: 'inputs' lists a directory twice")
         _check(bool(self.output_dir), "merge: 'output_dir' is required")
+
+
+@dataclass
+class EnsembleConfig:
+    """`llm-distill ensemble`: combine several teachers' top-k for the same completions into one KD target."""
+
+    inputs: list = field(default_factory=list)
+    """Teacher datasets holding the same completions: one written by generate, the others by `score` of it with
+    the other teachers (same tokenizer), e.g. inputs=[runs/a,runs/b]."""
+    output_dir: str = ""
+    """Where the combined dataset (the generate schema; provenance lists every teacher) is written."""
+    logprobs: Optional[int] = None
+    """k of the combined top-k (default: the largest k among the inputs; at most that)."""
+    overwrite: bool = False
+    """Replace an existing output directory instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.inputs, list) and len(self.inputs) >= 2 and all(isinstance(x, str) for x in self.inputs),
+               "ensemble: 'inputs' must list two or more teacher datasets, e.g. inputs=[runs/a,runs/b]")
+        _check(len(set(self.inputs)) == len(self.inputs), "ensemble: 'inputs' lists a directory twice")
+        _check(bool(self.output_dir), "ensemble: 'output_dir' is required")
+        _check(self.logprobs is None or self.logprobs >= 1, "ensemble: logprobs must be >= 1")
 
 
 @dataclass

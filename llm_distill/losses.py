@@ -194,3 +194,40 @@ def student_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor,
     if topk_ids is None:
         return label_lp, None, None
     return label_lp, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
+
+
+def minillm_surrogate(student_lp: torch.Tensor, teacher_lp: torch.Tensor, sample_lp: torch.Tensor,
+                      mask: torch.Tensor, single_step_kl: torch.Tensor | None = None,
+                      length_norm: bool = False) -> torch.Tensor:
+    """Per-token surrogate whose gradient is MiniLLM's policy gradient of the sequence-level reverse KL(q ‖ p).
+
+    Experimental. For samples y drawn from π (the student q itself, or a teacher mixture), per token
+        r_t = log p(y_t | y_<t) - log q(y_t | y_<t)                         (reward; teacher full-vocab logprob)
+        w_t = q(y_t | y_<t) / π(y_t | y_<t)                                  (per-token importance weight)
+        G_t = sum over t' >= t of r_t'   (t' > t with the single-step decomposition; their mean with length_norm)
+        surrogate_t = -w_t * G_t * log q(y_t) [+ w_t * KL_t(q ‖ p) with single_step_kl]
+    with w and G treated as constants. With π = q and without length normalisation, E_y[∇ Σ_t surrogate_t] is
+    exactly ∇ KL(q ‖ p) of the sequence distributions (REINFORCE; E[∇ log q] = 0 removes the -log q term's own
+    gradient); the single-step part replaces the sampled r_t by its exact expectation over y_t
+    (`single_step_kl`: the per-position reverse KL, with grad), which lowers the variance. Per-token weights
+    and length normalisation are MiniLLM's approximations (biased, lower variance).
+
+    student_lp: (B, C) log q of the sampled tokens, with grad; teacher_lp, sample_lp: (B, C); mask: (B, C)
+    bool, the sampled tokens of each row (other entries are ignored); single_step_kl: (B, C) or None.
+    Returns (B, C), zero off the mask; the caller sums and normalises.
+    """
+    m = mask.float()  # (B, C)
+    q = student_lp.float()
+    q_const = q.detach()
+    r = (teacher_lp.float() - q_const) * m  # (B, C)
+    w = torch.exp(q_const - sample_lp.float()) * m  # (B, C)
+    to_go = r.flip(-1).cumsum(-1).flip(-1)  # (B, C): sum over t' >= t
+    count = m.flip(-1).cumsum(-1).flip(-1)  # (B, C): tokens t' >= t
+    if single_step_kl is not None:
+        to_go, count = to_go - r, count - m  # future tokens only: r_t itself is replaced by its expectation
+    if length_norm:
+        to_go = to_go / count.clamp(min=1.0)
+    out = -w * to_go * q
+    if single_step_kl is not None:
+        out = out + w * single_step_kl.float()
+    return out * m

@@ -6,6 +6,13 @@
 Loss per optimiser step = (kd_weight * sum of token KL + ce_weight * sum of token CE) / completion tokens of the
 whole step (every micro-batch on every process), so gradient accumulation and the number of processes do not
 change the loss or its gradient.
+
+On-policy distillation (GKD): with `onpolicy_fraction` λ > 0 a step, chosen with probability λ from (seed, step),
+trains instead on the student's own samples for the step's prompts, scored by `teacher` in this process; its
+loss is the KD term (or, with onpolicy_objective=minillm, MiniLLM's policy gradient of the sequence-level
+reverse KL; experimental), normalised the same way.
+
+    llm-distill train recipes/tiny/train_kd.yaml onpolicy_fraction=0.5 teacher=data/tiny_task/teacher
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import torch
 from .config import TrainConfig, config_to_dict
 from .data import RUN_FILE, encode_prompt, read_provenance, write_run_record
 from .errors import UserError
-from .losses import kd_per_token, restrict_topk, student_logprobs, token_losses
-from .models import context_length, count_parameters, load_tokenizer, tokenizer_hash
+from .generate import _accepts, _cache_kwarg, _left_pad, _sample_inverse_cdf, decode_batch, sample_seed
+from .losses import (buckets, divergence, kd_per_token, minillm_surrogate, restrict_topk, student_buckets,
+                     student_logprobs, token_losses)
+from .models import context_length, count_parameters, eos_ids, load_tokenizer, tokenizer_hash
 
 
 class TeacherRows(torch.utils.data.Dataset):
@@ -74,6 +83,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     ids, mask, labels = [], [], []
     with_topk = "topk_ids" in examples[0]
     pos_b, pos_t, top_ids, top_lp, tails = [], [], [], [], []
+    with_pg = "teacher_lp" in examples[0]  # MiniLLM rows: per-token teacher logprob and sampling logprob
+    teacher_lp, sample_lp = [], []
     for b, e in enumerate(examples):
         p, c = len(e["prompt"]), len(e["completion"])
         pad = T - p - c
@@ -87,6 +98,9 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             top_ids += e["topk_ids"]
             top_lp += e["topk_logprobs"]
             tails += e["tail"]
+            if with_pg:
+                teacher_lp += e["teacher_lp"]
+                sample_lp += e["sample_lp"]
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
              "labels": torch.tensor(labels, dtype=torch.long)}
     if with_topk:
@@ -104,6 +118,11 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         batch["topk_ids"][bi, ti] = torch.tensor(top_ids, dtype=torch.long).view(-1, k)
         batch["topk_logprobs"][bi, ti] = lp
         batch["tail_logprob"][bi, ti] = tail
+        if with_pg:
+            batch["teacher_token_logprob"] = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+            batch["sample_logprob"] = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+            batch["teacher_token_logprob"][bi, ti] = torch.tensor(teacher_lp, dtype=torch.float32)
+            batch["sample_logprob"][bi, ti] = torch.tensor(sample_lp, dtype=torch.float32)
     return batch
 
 
@@ -113,21 +132,29 @@ class StudentLoss(torch.nn.Module):
     With chunk_size > 0 only completion positions reach the vocabulary projection, chunk by chunk
     (`losses.student_logprobs`); with 0 the model's own full logits are used (the dense reference).
     forward(batch) -> (kd_sum, ce_sum): sums over the batch's completion tokens; the caller normalises.
+    A MiniLLM batch (with teacher_token_logprob and sample_logprob) returns (surrogate_sum, rkl_sum) instead:
+    the policy-gradient surrogate (`losses.minillm_surrogate`) and, detached, the sampled estimate of the
+    sequence-level reverse KL, sum of log q - log p over the tokens (for logging).
     """
 
     def __init__(self, model, vocab: int, chunk_size: int, kd_weight: float, ce_weight: float,
-                 kd_topk: int | None = None, **kd_options):
+                 kd_topk: int | None = None, minillm: dict | None = None, **kd_options):
         super().__init__()
         self.model, self.vocab, self.chunk_size = model, vocab, chunk_size
+        self.minillm = minillm or {}  # single_step, length_norm
         self.kd_weight, self.ce_weight, self.kd_topk, self.kd_options = kd_weight, ce_weight, kd_topk, kd_options
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         # FSDP's transformer-based auto wrap reads the layer classes to shard from the prepared module.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail_logprob=None):
+    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail_logprob=None,
+                teacher_token_logprob=None, sample_logprob=None):
         kd = self.kd_weight > 0
         if kd and self.kd_topk:
             topk_ids, topk_logprobs, tail_logprob = restrict_topk(topk_ids, topk_logprobs, tail_logprob, self.kd_topk)
+        if teacher_token_logprob is not None:
+            return self._minillm(input_ids, attention_mask, labels, topk_ids, topk_logprobs, tail_logprob,
+                                 teacher_token_logprob, sample_logprob)
         if not self.chunk_size:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :self.vocab]
             kd_sum, ce_sum, _ = token_losses(logits, labels, topk_ids, topk_logprobs, tail_logprob,
@@ -143,6 +170,30 @@ class StudentLoss(torch.nn.Module):
         kd_sum = kd_per_token(s_topk, s_tail, topk_logprobs[mask], tail_logprob[mask],
                               **self.kd_options).sum() if kd else label_lp.sum() * 0.0
         return kd_sum, ce_sum
+
+    def _minillm(self, input_ids, attention_mask, labels, topk_ids, topk_logprobs, tail_logprob,
+                 teacher_token_logprob, sample_logprob):
+        """MiniLLM surrogate on a batch of the student's own samples (labels = the sampled tokens)."""
+        mask = labels != -100  # (B, T)
+        if not self.chunk_size:
+            z = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :self.vocab][mask]  # (N, V)
+            label_lp = torch.log_softmax(z.float(), -1).gather(-1, labels[mask][:, None]).squeeze(-1)  # (N,)
+            s_topk, s_tail = student_buckets(z, topk_ids[mask])  # (N, k), (N,)
+        else:
+            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            label_lp, s_topk, s_tail = student_logprobs(hidden[mask], self.model.get_output_embeddings(), labels[mask],
+                                                        topk_ids[mask], self.vocab, self.chunk_size, self.softcap)
+        single = None
+        if self.minillm.get("single_step", True):
+            # Exact expectation over the current token, on the teacher's k + 1 buckets (a lower bound of the
+            # full-vocabulary reverse KL, equal to it when k = V).
+            kl = divergence("reverse_kl", buckets(topk_logprobs[mask], tail_logprob[mask]), buckets(s_topk, s_tail))
+            single = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).index_put((mask,), kl)  # (B, T)
+        q = torch.zeros(mask.shape, dtype=label_lp.dtype, device=label_lp.device).index_put((mask,), label_lp)  # (B, T)
+        surrogate = minillm_surrogate(q, teacher_token_logprob, sample_logprob, mask, single,
+                                      self.minillm.get("length_norm", True))
+        rkl = ((q.detach() - teacher_token_logprob) * mask).sum()
+        return surrogate.sum(), rkl
 
 
 def check_chunked_head(model, vocab: int, input_ids: torch.Tensor) -> None:
@@ -160,6 +211,60 @@ def check_chunked_head(model, vocab: int, input_ids: torch.Tensor) -> None:
     if not torch.allclose(z, ref, atol=1e-3, rtol=1e-3):
         raise UserError(f"train: this model's output head is not a plain linear projection "
                         f"({type(model).__name__}); set loss_chunk_size=0 to use its full logits")
+
+
+def onpolicy_step(seed: int, step: int, fraction: float) -> bool:
+    """Whether optimiser step `step` is on-policy: a pure function of (seed, step), so every process makes the
+    same choice and a resumed run makes the same choices as an uninterrupted one."""
+    if fraction <= 0:
+        return False
+    return sample_seed(seed, "onpolicy-step", step) / 2 ** 63 < fraction
+
+
+@torch.no_grad()
+def sample_mixture(student, teacher, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int], vocab: int,
+                   max_new_tokens: int, temperature: float, alpha: float, row_seeds: list[int]):
+    """Sample from π = α·p_teacher + (1 - α)·q_student, both tempered, one KV-cached decode loop per model.
+
+    Each row draws one uniform per step from its own seed (batching-independent, as `decode_batch` does).
+    Returns per row (token ids, log π of each token); with α = 0 the teacher is not run.
+    """
+    device = next(student.parameters()).device
+    B = len(prompt_ids)
+    input_ids, attn, pos = _left_pad(prompt_ids, pad_id, device)
+    uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                       dtype=torch.float64) for s in row_seeds]).to(device)  # (B, S)
+    models = [student] + ([teacher] if alpha > 0 else [])
+    state = []  # per model: [cache argument name, cache, last logits (B, V)]
+    for m in models:
+        keep = {"logits_to_keep": 1} if _accepts(m, "logits_to_keep") else {}
+        out = m(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
+        arg = _cache_kwarg(m)
+        state.append([arg, getattr(out, arg), out.logits[:, -1, :vocab].float()])
+    pos = pos[:, -1:]  # (B, 1)
+    stop = torch.tensor(stop_ids, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for t in range(max_new_tokens):
+        log_pi = torch.log_softmax(state[0][2] / temperature, -1)  # (B, V)
+        if alpha > 0:
+            log_pi = torch.logaddexp(math.log1p(-alpha) + log_pi,
+                                     math.log(alpha) + torch.log_softmax(state[1][2] / temperature, -1))
+        token = _sample_inverse_cdf(log_pi, 1.0, 1.0, uniforms[:, t])  # softmax(log π) = π
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(log_pi.gather(-1, token.clamp(max=vocab - 1)[:, None]).squeeze(-1))
+        alive.append(~done)
+        done = done | torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        pos = pos + 1
+        for m, st in zip(models, state):
+            out = m(input_ids=token[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{st[0]: st[1]})
+            st[1], st[2] = getattr(out, st[0]), out.logits[:, -1, :vocab].float()
+    tok, lp, live = (torch.stack(x, 1).cpu() for x in (tokens, logps, alive))  # (B, S) each
+    return [(tok[i, live[i]].tolist(), lp[i, live[i]].tolist()) for i in range(B)]
 
 
 def build_student(cfg: TrainConfig, tokenizer):
@@ -324,6 +429,10 @@ def main(cfg: TrainConfig) -> str:
     if accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum_steps > 1:
         raise UserError("train: under DeepSpeed keep grad_accum_steps=1 (DeepSpeed steps the optimiser inside "
                         "backward); raise micro_batch_size or the number of GPUs instead")
+    if cfg.onpolicy_fraction > 0 and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        # Sampling runs the unwrapped student outside the training forward; sharded weights are not whole there.
+        raise UserError(f"train: on-policy steps (onpolicy_fraction > 0) run on one process or under DDP, not "
+                        f"{accelerator.distributed_type.value}; use the DDP launch config")
 
     def load_teacher_data(path: str):
         if not Path(path).is_dir():
@@ -393,11 +502,23 @@ def main(cfg: TrainConfig) -> str:
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     vocab = len(tokenizer)  # padded embedding rows beyond the tokenizer get no probability
+    teacher = None
+    if cfg.onpolicy_fraction > 0:
+        from .generate import TransformersBackend
+
+        # Every process scores its own samples with its own copy of the teacher, on its own device.
+        teacher = TransformersBackend(cfg.teacher, device=str(accelerator.device), k=cfg.onpolicy_logprobs,
+                                      batch_size=cfg.micro_batch_size * cfg.grad_accum_steps)
+        if tokenizer_hash(teacher.tokenizer) != tokenizer_hash(tokenizer):
+            raise UserError(f"{cfg.teacher}: the teacher's tokenizer differs from the student's ({tok_path}); "
+                            "on-policy distillation scores the student's token ids, so they must share the vocabulary")
+        stop_ids = eos_ids(model, tokenizer)
     if cfg.loss_chunk_size:
         check_chunked_head(model, vocab, torch.tensor([rows[0]["prompt"]]))
     step_loss = StudentLoss(model, vocab, cfg.loss_chunk_size, cfg.kd_weight, cfg.ce_weight, cfg.kd_topk,
                             divergences=cfg.kd_divergences, temperature=cfg.kd_temperature, beta=cfg.jsd_beta,
-                            alpha=cfg.skew_alpha, renormalized_topk=cfg.renormalized_topk)
+                            alpha=cfg.skew_alpha, renormalized_topk=cfg.renormalized_topk,
+                            minillm={"single_step": cfg.minillm_single_step, "length_norm": cfg.minillm_length_norm})
     # The scheduler is stepped once per optimiser step by hand (a prepared one steps once per process), and is
     # registered so that save_state / load_state carry it.
     step_loss, optimizer = accelerator.prepare(step_loss, optimizer)
@@ -424,6 +545,8 @@ def main(cfg: TrainConfig) -> str:
               f"{world} process(es) ({accelerator.distributed_type.value}, "
               f"{accelerator.mixed_precision} mixed precision)"
               + (f"; {resplit} of the first 64 completions re-encode to other ids (sampled splits)" if resplit else "")
+              + (f"; on-policy ({cfg.onpolicy_objective}) with probability {cfg.onpolicy_fraction} per step, teacher "
+                 f"{cfg.teacher}" if teacher is not None else "")
               + (f", resuming at step {start} from {resume_from}" if start else ""))
     accelerator.wait_for_everyone()
     if trackers:
@@ -436,16 +559,52 @@ def main(cfg: TrainConfig) -> str:
 
     epoch_cache: dict = {}
 
-    def micro_batch(step: int, i: int) -> dict:
-        """Micro-batch i of this process for optimiser step `step` (1-based), a pure function of (step, i)."""
+    def micro_rows(step: int, i: int) -> list[int]:
+        """Row indices of micro-batch i of this process for optimiser step `step` (1-based): a pure function of
+        (step, i)."""
         epoch_len = -(-len(lengths) // global_batch)
         epoch, j = divmod(step - 1, epoch_len)
         if epoch not in epoch_cache:
             epoch_cache.clear()
             epoch_cache[epoch] = epoch_batches(lengths, global_batch, epoch, cfg.seed, cfg.group_by_length)
         lo = (i * world + rank) * cfg.micro_batch_size
-        idx = epoch_cache[epoch][j][lo:lo + cfg.micro_batch_size]
-        return collate([rows[r] for r in idx], tokenizer.pad_token_id)
+        return epoch_cache[epoch][j][lo:lo + cfg.micro_batch_size]
+
+    def micro_batch(step: int, i: int) -> dict:
+        return collate([rows[r] for r in micro_rows(step, i)], tokenizer.pad_token_id)
+
+    def onpolicy_batches(step: int) -> list[dict]:
+        """This process's micro-batches of step `step` with the student's own samples for their prompts, scored
+        by the teacher. Sampled once for the whole step (all its micro-batches) with the current weights; each
+        row's draws come from a seed of (seed, step, row), so they do not depend on batching or on resume."""
+        flat = [r for i in range(cfg.grad_accum_steps) for r in micro_rows(step, i)]
+        prompts = [rows[r]["prompt"] for r in flat]
+        seeds = [sample_seed(cfg.seed, f"onpolicy:{step}", r) for r in flat]
+        student = accelerator.unwrap_model(step_loss).model
+        student.eval()  # no dropout while sampling (the training forward keeps it)
+        if cfg.onpolicy_objective == "minillm":
+            outs = sample_mixture(student, teacher.model, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
+                                  vocab=vocab, max_new_tokens=cfg.onpolicy_max_new_tokens,
+                                  temperature=cfg.onpolicy_temperature, alpha=cfg.minillm_teacher_mix,
+                                  row_seeds=seeds)
+        else:
+            outs = [(c.token_ids, None) for c in decode_batch(
+                student, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, vocab_size=vocab,
+                max_new_tokens=cfg.onpolicy_max_new_tokens, k=1, temperature=cfg.onpolicy_temperature,
+                row_seeds=seeds)]
+        student.train()
+        completions = [ids[:max_len - len(p)] for (ids, _), p in zip(outs, prompts)]
+        scored = teacher.score(prompts, completions)  # the `score` stage's code: top-k + tail per position
+        examples = []
+        for r, p, c, (_, sample_lp), sc in zip(flat, prompts, completions, outs, scored):
+            ex = {"prompt": p, "completion": c, "topk_ids": sc.topk_ids.tolist(),
+                  "topk_logprobs": sc.topk_logprobs.tolist(), "tail": sc.tail_logprob.tolist(),
+                  "id": f"student sample for row {r} at step {step}"}
+            if sample_lp is not None:
+                ex["teacher_lp"], ex["sample_lp"] = sc.token_logprob.tolist(), sample_lp[:len(c)]
+            examples.append(ex)
+        mb = cfg.micro_batch_size
+        return [collate(examples[i * mb:(i + 1) * mb], tokenizer.pad_token_id) for i in range(cfg.grad_accum_steps)]
 
     @torch.no_grad()
     def evaluate_loss() -> dict:
@@ -495,9 +654,16 @@ def main(cfg: TrainConfig) -> str:
 
     step_loss.train()
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
-    window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter()}
+    def new_window() -> dict:
+        return {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter(),
+                "op_steps": 0, "op_kd": 0.0, "op_rkl": 0.0, "op_tokens": 0}
+
+    window = new_window()
     for step in range(start + 1, cfg.max_steps + 1):
-        micro = [micro_batch(step, i) for i in range(cfg.grad_accum_steps)]
+        onpolicy = onpolicy_step(cfg.seed, step, cfg.onpolicy_fraction)  # the same on every process
+        micro = onpolicy_batches(step) if onpolicy else [micro_batch(step, i) for i in range(cfg.grad_accum_steps)]
+        # CE on the student's own samples would teach it what it already says: on-policy steps use KD only.
+        ce_weight = 0.0 if onpolicy else cfg.ce_weight
         local = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), device=accelerator.device)
         step_tokens = int(accelerator.reduce(local, reduction="sum"))  # all micro-batches, all processes
         kd_step = ce_step = torch.zeros((), device=accelerator.device)
@@ -508,7 +674,7 @@ def main(cfg: TrainConfig) -> str:
             with sync:
                 kd_sum, ce_sum = step_loss(**b)
                 # x num_processes undoes DDP's gradient averaging: the gradient is that of the global token mean.
-                loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) * world / max(step_tokens, 1)
+                loss = (cfg.kd_weight * kd_sum + ce_weight * ce_sum) * world / max(step_tokens, 1)
                 accelerator.backward(loss)
             kd_step = kd_step + kd_sum.detach().float()
             ce_step = ce_step + ce_sum.detach().float()
@@ -521,9 +687,15 @@ def main(cfg: TrainConfig) -> str:
         optimizer.zero_grad(set_to_none=True)
 
         sums = accelerator.reduce(torch.stack([kd_step, ce_step]), reduction="sum")
-        window["kd"] += float(sums[0])
-        window["ce"] += float(sums[1])
-        window["tokens"] += step_tokens
+        if onpolicy:  # logged apart: the KD value on samples (or MiniLLM's surrogate) is another quantity
+            window["op_steps"] += 1
+            window["op_kd"] += float(sums[0])
+            window["op_rkl"] += float(sums[1]) if cfg.onpolicy_objective == "minillm" else 0.0
+            window["op_tokens"] += step_tokens
+        else:
+            window["kd"] += float(sums[0])
+            window["ce"] += float(sums[1])
+            window["tokens"] += step_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             seen, positions = accelerator.reduce(torch.tensor([window["seen"], window["positions"]],
@@ -534,6 +706,13 @@ def main(cfg: TrainConfig) -> str:
                    "completion_tokens": window["tokens"], "tokens_per_s": seen / max(elapsed, 1e-9),
                    "padding_fraction": 1 - seen / max(positions, 1)}
             rec["loss"] = cfg.kd_weight * rec["kd"] + cfg.ce_weight * rec["ce"]
+            if cfg.onpolicy_fraction > 0:
+                op_tokens = max(window["op_tokens"], 1)
+                rec.update(onpolicy_steps=window["op_steps"], onpolicy_tokens=window["op_tokens"])
+                if cfg.onpolicy_objective == "minillm":  # surrogate, and the sampled reverse KL per token
+                    rec.update(onpolicy_surrogate=window["op_kd"] / op_tokens, onpolicy_rkl=window["op_rkl"] / op_tokens)
+                else:
+                    rec["onpolicy_kd"] = window["op_kd"] / op_tokens
             if eval_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 rec.update(evaluate_loss())
             if accelerator.is_main_process:
@@ -542,9 +721,9 @@ def main(cfg: TrainConfig) -> str:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
             accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-            if not math.isfinite(rec["loss"]):
+            if not all(math.isfinite(v) for k, v in rec.items() if k in ("loss", "onpolicy_kd", "onpolicy_surrogate")):
                 raise UserError(f"train: loss became {rec['loss']} at step {step}; lower learning_rate")
-            window = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter()}
+            window = new_window()
         elif eval_rows is not None and cfg.eval_every and step % cfg.eval_every == 0:
             ev = evaluate_loss()
             if accelerator.is_main_process:

@@ -267,3 +267,68 @@ def test_kd_refuses_rows_the_student_tokenizer_reads_differently(teacher_data, t
         assert proc.returncode == 2 and f"dataset row {ds[1]['id']!r}" in proc.stderr, proc.stderr[-800:]
         assert ("chat-template encoding" if name == "template" else "decode to") in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_onpolicy_fraction_zero_is_the_offline_run(teacher_data, tiny_teacher, tmp_path):
+    """λ = 0 with every on-policy field set trains exactly the weights of a run without them."""
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "micro_batch_size=4", "learning_rate=1e-2",
+              "student_config.attention_dropout=0.2"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'offline'}")
+    run_cli("train", *common, f"output_dir={tmp_path / 'zero'}", "onpolicy_fraction=0", f"teacher={tiny_teacher}",
+            "onpolicy_objective=minillm", "onpolicy_max_new_tokens=5")
+    a, b = _weights(tmp_path / "offline"), _weights(tmp_path / "zero")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_onpolicy_gkd_under_ddp_matches_single_process(teacher_data, tiny_teacher, tmp_path):
+    """GKD on the student's own samples (λ = 0.5, JSD): one process with 2 x 2 micro-batches (the step's samples
+    drawn once, then split) equals two DDP processes with 2 each (each samples its own rows; both make the same
+    λ choice per step); on-policy steps are logged apart from offline ones."""
+    import os
+    import subprocess
+    import sys
+
+    from llm_distill.train import onpolicy_step
+
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=4", "learning_rate=1e-2", "lr_scheduler=constant",
+              "log_every=2", "onpolicy_fraction=0.5", f"teacher={tiny_teacher}", "onpolicy_max_new_tokens=6",
+              "onpolicy_logprobs=5", "kd_divergences={jsd: 1.0}", "seed=3"]
+    chosen = [s for s in range(1, 5) if onpolicy_step(3, s, 0.5)]
+    assert 0 < len(chosen) < 4, "this seed mixes on-policy and offline steps"
+    proc = run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=2", "grad_accum_steps=2")
+    assert "on-policy (gkd)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
+                           "-m", "llm_distill", "train", *common, f"output_dir={tmp_path / 'two'}",
+                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").open()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert sum(m["onpolicy_steps"] for m in one) == len(chosen)
+    for a, b in zip(one, two):
+        assert a["onpolicy_tokens"] == b["onpolicy_tokens"] and a["onpolicy_tokens"] > 0
+        assert b["onpolicy_kd"] == __import__("pytest").approx(a["onpolicy_kd"], rel=1e-5)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+
+
+def test_minillm_trains_chunked_like_dense(teacher_data, tiny_teacher, tmp_path):
+    """The MiniLLM-style objective (teacher-mixed sampling, single-step part, length normalisation) trains through
+    the CLI, and the chunked vocabulary projection gives the dense-logits run."""
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "micro_batch_size=4", "learning_rate=1e-2",
+              "lr_scheduler=constant", "log_every=1", "onpolicy_fraction=1", f"teacher={tiny_teacher}",
+              "onpolicy_objective=minillm", "minillm_teacher_mix=0.2", "onpolicy_max_new_tokens=6"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'dense'}", "loss_chunk_size=0")
+    run_cli("train", *common, f"output_dir={tmp_path / 'chunked'}", "loss_chunk_size=7")
+    metrics = [json.loads(l) for l in (tmp_path / "chunked" / "metrics.jsonl").open()]
+    assert [m["onpolicy_steps"] for m in metrics] == [1, 1, 1] and all(m["completion_tokens"] == 0 for m in metrics)
+    assert all(m["onpolicy_rkl"] == m["onpolicy_rkl"] and m["onpolicy_tokens"] > 0 for m in metrics)
+    a, b = _weights(tmp_path / "dense"), _weights(tmp_path / "chunked")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    proc = run_cli("train", f"dataset={teacher_data}", *STUDENT_CONFIG, f"output_dir={tmp_path / 'x'}",
+                   "onpolicy_fraction=0.5", check=False)
+    assert proc.returncode == 2 and "needs 'teacher'" in proc.stderr
