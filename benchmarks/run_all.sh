@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every benchmark in BENCHMARKS.md, one after another, each one's table saved to a results file:
+#     benchmarks/run_all.sh           # about 75 minutes on a 2-core CPU (no GPU needed), ~15 GB RAM at the peak
+#     benchmarks/run_all.sh --quick   # shorter runs of each (fewer steps, prompts, seeds): a smoke run, noisier
+# Results: runs/bench/results/<commit>/<name>.txt (stdout: the table) and <name>.log (stderr: progress, warnings);
+# the commit measured is printed first and last (with "+local changes" when tracked files differ from it).
+# Needs the project's .venv (`make install`). vs_trl.py needs TRL, which is never a project dependency: it runs
+# in benchmarks/.venv-trl (git-ignored), created here on first use (torch pinned first: an unpinned torch pulls a
+# multi-GB CUDA build). Override with PYTHON=..., TRL_PYTHON=..., TORCH=... . Benchmarks are not part of the
+# test suite and nothing in CI runs them.
+set -u
+cd "$(dirname "$0")/.."
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+PY=${PYTHON:-.venv/bin/python}
+LLM=$(dirname "$PY")/llm-distill
+TRL_VENV=benchmarks/.venv-trl
+TRL_PY=${TRL_PYTHON:-$TRL_VENV/bin/python}
+TORCH=${TORCH:-torch==2.13.0}
+TRL=${TRL:-trl==1.16.0}
+
+commit=$(git rev-parse --short HEAD)
+dirty=""
+git diff --quiet HEAD -- 2>/dev/null || dirty=" (+local changes)"
+out=runs/bench/results/$commit
+[ $QUICK = 1 ] && out=$out-quick
+mkdir -p "$out"
+echo "benchmarks at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, quick=$QUICK -> $out/"
+git log -1 --format='  %h %s' | cut -c1-120
+
+if [ ! -x "$TRL_PY" ] && [ -z "${TRL_PYTHON:-}" ]; then
+    echo "== setting up $TRL_VENV ($TORCH, then -e . $TRL)"
+    python3 -m venv "$TRL_VENV" && "$TRL_VENV/bin/pip" install -q "$TORCH" \
+        && "$TRL_VENV/bin/pip" install -q -e . "$TRL" || echo "could not set up $TRL_VENV; vs_trl will fail"
+fi
+
+failed=()
+run() {  # run NAME COMMAND...
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    if TQDM_DISABLE=1 "$@" > "$out/$name.txt" 2> "$out/$name.log"; then
+        echo "   done in $((SECONDS - t0)) s -> $out/$name.txt"
+    else
+        echo "   FAILED after $((SECONDS - t0)) s (see $out/$name.log)"; failed+=("$name")
+    fi
+}
+
+if [ $QUICK = 1 ]; then
+    run kd_step              "$PY" benchmarks/kd_step.py 10 3
+    run vs_trl               "$TRL_PY" benchmarks/vs_trl.py --quick
+    run loss_memory          "$PY" benchmarks/loss_memory.py --chunks 256
+    run storage              "$PY" benchmarks/storage.py 100
+    run generate_batched     "$PY" benchmarks/generate_batched.py 50 128 1
+    run length_grouping      "$PY" benchmarks/length_grouping.py --quick
+    run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0
+    run quality_seeds        "$LLM" quickstart 'seeds=[0]' output_dir=runs/bench/quality_seeds
+    [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py 200 0
+else
+    run kd_step              "$PY" benchmarks/kd_step.py 30 8
+    run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
+    run loss_memory          "$PY" benchmarks/loss_memory.py
+    run storage              "$PY" benchmarks/storage.py
+    run generate_batched     "$PY" benchmarks/generate_batched.py
+    run length_grouping      "$PY" benchmarks/length_grouping.py
+    run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0,1,2
+    run quality_seeds        "$LLM" quickstart 'seeds=[0,1,2]' output_dir=runs/bench/quality_seeds
+    [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py
+fi
+
+for f in "$out"/*.txt; do
+    echo; echo "######## $(basename "$f" .txt)"; grep -v '^\s*$' "$f" | grep -v '^\(train\|generate\|evaluate\): ' || true
+done
+echo
+echo "benchmarks at commit $commit$dirty -> $out/"
+if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}"; exit 1; fi
