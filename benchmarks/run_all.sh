@@ -6,8 +6,8 @@
 # the commit measured is printed first and last (with "+local changes" when tracked files differ from it).
 # Needs the project's .venv (`make install`). vs_trl.py needs TRL, which is never a project dependency: it runs
 # in benchmarks/.venv-trl (git-ignored), created here on first use (torch pinned first: an unpinned torch pulls a
-# multi-GB CUDA build). Override with PYTHON=..., TRL_PYTHON=..., TORCH=... . Benchmarks are not part of the
-# test suite and nothing in CI runs them.
+# multi-GB CUDA build). Override with PYTHON=..., TRL_PYTHON=..., TORCH=...; ONLY="kd_step vs_trl" runs only
+# those. Benchmarks are not part of the test suite and nothing in CI runs them.
 set -u
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -28,7 +28,7 @@ mkdir -p "$out"
 echo "benchmarks at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, quick=$QUICK -> $out/"
 git log -1 --format='  %h %s' | cut -c1-120
 
-if [ ! -x "$TRL_PY" ] && [ -z "${TRL_PYTHON:-}" ]; then
+if [ ! -x "$TRL_PY" ] && [ -z "${TRL_PYTHON:-}" ] && { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" vs_trl "* ]]; }; then
     echo "== setting up $TRL_VENV ($TORCH, then -e . $TRL)"
     python3 -m venv "$TRL_VENV" && "$TRL_VENV/bin/pip" install -q "$TORCH" \
         && "$TRL_VENV/bin/pip" install -q -e . "$TRL" || echo "could not set up $TRL_VENV; vs_trl will fail"
@@ -37,6 +37,7 @@ fi
 failed=()
 run() {  # run NAME COMMAND...
     local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "== $name: $*"
     local t0=$SECONDS
     if TQDM_DISABLE=1 "$@" > "$out/$name.txt" 2> "$out/$name.log"; then
@@ -69,6 +70,7 @@ else
 fi
 
 for f in "$out"/*.txt; do
+    [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $(basename "$f" .txt) "* ]] && continue
     echo; echo "######## $(basename "$f" .txt)"; grep -v '^\s*$' "$f" | grep -v '^\(train\|generate\|evaluate\): ' || true
 done
 echo

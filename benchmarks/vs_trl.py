@@ -212,7 +212,10 @@ def run_trl(kind: str, baton: Baton, steps: int, tokens: list) -> None:
 
 
 def trl_dataset(with_prompt: bool):
-    from datasets import load_from_disk
+    try:  # the generate output's own reader where there is one (parquet parts), else a save_to_disk directory
+        from llm_distill.data import load_teacher_dataset as load_from_disk
+    except ImportError:
+        from datasets import load_from_disk
 
     ds = load_from_disk(str(OUT / "teacher_data"))
 
