@@ -29,11 +29,11 @@ def teacher_data() -> str:
 
 
 def main(steps_per_block: int = 20, blocks: int = 6) -> None:
-    from datasets import load_from_disk
+    from llm_distill.data import load_teacher_dataset
 
     cfg = load_config(TrainConfig, str(ROOT / "recipes/tiny/train_kd.yaml"), values_={"dataset": teacher_data()})
     tok = load_tokenizer(str(ROOT / "data/tiny_task/teacher"))
-    rows = TeacherRows(load_from_disk(cfg.dataset), tok, retokenize=False, with_topk=True, max_len=128)
+    rows = TeacherRows(load_teacher_dataset(cfg.dataset), tok, retokenize=False, with_topk=True, max_len=128)
     g = torch.Generator().manual_seed(0)
     examples = [[rows[int(i)] for i in torch.randint(0, len(rows), (cfg.micro_batch_size,), generator=g)]
                 for _ in range(steps_per_block)]

@@ -4,9 +4,10 @@
 #     python benchmarks/storage.py 100        (fewer prompts)
 # Two datasets per k: the bundled tiny teacher's real output (vocabulary 86, so its ids repeat a lot and
 # compress unusually well), and a synthetic worst case at Qwen2.5's vocabulary (151,936) whose top-k ids are
-# uniform random, so nothing but the ids' unused high bits compresses. Sizes: the `datasets` directory that
-# `load_from_disk` and train read (uncompressed, memory-mapped Arrow) and the zstd parquet chunk files the
-# run writes while it works (zstd over byte-stream-split columns, chunks.parquet_options; pyarrow reads them).
+# uniform random, so nothing but the ids' unused high bits compresses. Sizes: the published directory as generate
+# writes it (data/part-*.parquet, zstd over byte-stream-split columns, chunks.parquet_options, + provenance.json
+# and run.json; the synthetic one through the same chunks.write_parts), and the Arrow cache file that
+# data.load_teacher_dataset converts it to on first load (uncompressed, memory-mapped by train).
 # KD error: forward KL(P || Q) on the k+1 buckets with the teacher's exact float32 top-k vs the stored float16
 # top-k (tail float32 in both), for a student Q = the teacher at temperature 2 (a blurred student, KL ~ 0.1-1);
 # plus KL(P32 || P16) itself, the divergence between the exact and the stored teacher buckets.
@@ -21,8 +22,9 @@ import pyarrow.parquet as pq
 import torch
 
 from llm_distill import generate
-from llm_distill.chunks import parquet_options
+from llm_distill.chunks import parquet_options, write_parts
 from llm_distill.config import GenerateConfig, load_config
+from llm_distill.data import load_teacher_dataset
 from llm_distill.generate import Completion, dataset_features, rows_table
 from llm_distill.losses import buckets, divergence, student_buckets
 
@@ -31,7 +33,7 @@ PER_TOKEN = ["completion_token_ids", "topk_token_ids", "topk_logprobs", "token_l
 
 
 def sizes(table: pa.Table) -> dict:
-    """Bytes of the table as Arrow IPC (what save_to_disk writes) and as zstd parquet (the chunk files)."""
+    """Bytes of the table as Arrow IPC (what the datasets cache holds) and as zstd parquet (the published parts)."""
     out = {}
     for name, t in (("all", table), ("per_token", table.select(PER_TOKEN))):
         sink = pa.BufferOutputStream()
@@ -43,16 +45,21 @@ def sizes(table: pa.Table) -> dict:
     return out
 
 
-def tiny_teacher_table(k: int, prompts: int, work: Path):
-    from datasets import load_from_disk
+def published(directory: Path, work: Path) -> tuple[pa.Table, int, int]:
+    """(table, bytes of every file in the published directory, bytes of the Arrow cache the reader makes)."""
+    dir_bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    ds = load_teacher_dataset(str(directory), cache_dir=str(work / "cache" / directory.name))
+    cache_bytes = sum(Path(c["filename"]).stat().st_size for c in ds.cache_files)
+    return ds.data.table, dir_bytes, cache_bytes
 
+
+def tiny_teacher_table(k: int, prompts: int, work: Path):
     out = work / f"k{k}"
     cfg = load_config(GenerateConfig, str(ROOT / "recipes/tiny/generate.yaml"), values_={
         "model": str(ROOT / "data/tiny_task/teacher"), "prompts": str(ROOT / "data/tiny_task/heldout.jsonl"),
         "output_dir": str(out), "limit": prompts, "logprobs": k, "overwrite": True})
     generate.main(cfg)
-    arrow_dir = sum(f.stat().st_size for f in out.glob("data-*.arrow"))
-    return load_from_disk(str(out)).data.table, arrow_dir
+    return published(out, work)
 
 
 def tiny_teacher_kd_error(table: pa.Table, k: int):
@@ -111,25 +118,28 @@ def synthetic_table(k: int, positions: int, vocab: int = 151_936, seed: int = 0)
 
 def main(prompts: int = 400) -> None:
     torch.set_num_threads(1)
-    print("| data | k | tokens | datasets dir B/token (all / per-token) | zstd parquet B/token (all / per-token) "
+    print("| data | k | tokens | published dir B/token (all / per-token) | Arrow cache B/token (all / per-token) "
           "| KL(P32‖P16)/token | KD(P32‖Q)/token | abs. KD error | rel. KD error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
         for k in (5, 20, 50):
-            table, arrow_dir = tiny_teacher_table(k, prompts, Path(work))
+            table, dir_bytes, cache_bytes = tiny_teacher_table(k, prompts, work)
             tokens = sum(len(x) for x in table.column("completion_token_ids").to_pylist())
             s = sizes(table)
             err = tiny_teacher_kd_error(table, k)
-            print(f"| tiny teacher (V=86) | {k} | {tokens:,} | {arrow_dir / tokens:.1f} / "
-                  f"{s['per_token'][0] / tokens:.1f} "
-                  f"| {s['all'][1] / tokens:.1f} / {s['per_token'][1] / tokens:.1f} | {err[0]:.2e} | {err[1]:.4f} "
-                  f"| {err[2]:.2e} | {err[3]:.2e} |")
+            print(f"| tiny teacher (V=86) | {k} | {tokens:,} | {dir_bytes / tokens:.1f} / "
+                  f"{s['per_token'][1] / tokens:.1f} | {cache_bytes / tokens:.1f} / {s['per_token'][0] / tokens:.1f} "
+                  f"| {err[0]:.2e} | {err[1]:.4f} | {err[2]:.2e} | {err[3]:.2e} |")
         for k in (5, 20, 50):
             table, err = synthetic_table(k, 2048)
+            out = work / f"synthetic{k}"
+            write_parts([table], out, table.schema)
+            table, dir_bytes, cache_bytes = published(out, work)
             tokens = 2048
             s = sizes(table)
-            print(f"| synthetic worst case (V=151,936) | {k} | {tokens:,} | {s['all'][0] / tokens:.1f} / "
-                  f"{s['per_token'][0] / tokens:.1f} | {s['all'][1] / tokens:.1f} / {s['per_token'][1] / tokens:.1f} "
+            print(f"| synthetic worst case (V=151,936) | {k} | {tokens:,} | {dir_bytes / tokens:.1f} / "
+                  f"{s['per_token'][1] / tokens:.1f} | {cache_bytes / tokens:.1f} / {s['per_token'][0] / tokens:.1f} "
                   f"| {err[0]:.2e} | {err[1]:.4f} | {err[2]:.2e} | {err[3]:.2e} |")
 
 

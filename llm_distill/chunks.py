@@ -9,8 +9,9 @@ A run works in a hidden sibling of its output directory, `.<name>.partial/`:
 A chunk file exists completely or not at all, so a run killed at any moment (SIGKILL included) resumes at
 the first missing chunk; the unit being computed when it died is redone from scratch. Chunk contents are a
 pure function of the settings, so a redone chunk is the same rows. When every chunk is present the chunks are
-streamed, in order, into one `datasets` directory (memory-mapped Arrow: what `load_from_disk` and train read),
-which is published with one rename; the partial directory is removed last. A rerun after that is a no-op.
+streamed, in order, into the published teacher dataset (`data/part-*.parquet` with the chunks' compression,
++ provenance.json + run.json; `data.load_teacher_dataset` reads it), which appears with one rename; the partial
+directory is removed last. A rerun after that is a no-op.
 
 Sharding (`shard: i/N`) assigns each prompt to shard `hash(id) mod N`, so N independent processes cover every
 prompt exactly once whatever the file order or the machines; `llm-distill merge` checks and joins them.
@@ -25,12 +26,10 @@ import shutil
 import signal
 from pathlib import Path
 
-from .data import PROVENANCE_FILE, RUN_FILE, publish, staging_dir, write_run_record, _pid_alive
+from .data import DATA_DIR, PROVENANCE_FILE, RUN_FILE, publish, staging_dir, write_run_record, _pid_alive
 from .errors import UserError
 
 CHUNK_GLOB = "chunk-*.parquet"
-# Fields a resumed run may change: they affect speed or placement, not the rows (batch_size can change the
-# last bits of the logits on some kernels; see generate.py for what is guaranteed).
 # Chunk files: zstd over byte-stream-split columns (each value's bytes regrouped by position, so the always-zero
 # high bytes of int32 ids and the exponent bytes of logprobs compress), without dictionaries (top-k ids are too
 # many distinct values for one to pay): 83 B/token at k=20 even for incompressible random ids over a
@@ -50,7 +49,49 @@ def parquet_options(schema) -> dict:
         if pa.types.is_integer(t) or pa.types.is_floating(t):
             numeric.append(path)
     return {**PARQUET_OPTIONS, "use_byte_stream_split": numeric}
-RESUMABLE_CHANGES = ("overwrite", "batch_size", "device", "output_dir", "prompts", "responses")
+
+
+# A published part file holds whole chunks (one row group each) up to about this many uncompressed Arrow bytes
+# (~200 MB of parquet at the tiny teacher's ratio).
+PART_BYTES = 512 << 20
+
+
+def write_parts(tables, directory: Path, schema, part_bytes: int = PART_BYTES) -> int:
+    """Write `tables` (pyarrow, in order) as `directory/data/part-00000.parquet`, ... with parquet_options; a
+    new part starts once the current one holds `part_bytes` of Arrow data. Always at least one part (empty
+    when there are no rows, so the schema is kept). Returns the number of parts."""
+    import pyarrow.parquet as pq
+
+    out = Path(directory) / DATA_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    options = parquet_options(schema)
+    writer, parts, size = None, 0, 0
+    try:
+        for table in tables:
+            if not table.schema.equals(schema):
+                table = table.cast(schema)
+            if writer is not None and size >= part_bytes:
+                writer.close()
+                writer = None
+            if writer is None:
+                writer = pq.ParquetWriter(str(out / f"part-{parts:05d}.parquet"), schema, **options)
+                parts, size = parts + 1, 0
+            writer.write_table(table)
+            size += table.nbytes
+        if writer is None:
+            writer = pq.ParquetWriter(str(out / "part-00000.parquet"), schema, **options)
+            parts = 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return parts
+
+
+# Fields a resumed run may change: placement, speed and memory, not the rows (batch_size can change the last bits
+# of the logits on some kernels; see generate.py for what is guaranteed). vLLM memory settings may change so that a
+# run that ran out of memory can resume with less.
+RESUMABLE_CHANGES = ("overwrite", "batch_size", "device", "output_dir", "prompts", "responses",
+                     "gpu_memory_utilization", "max_num_batched_tokens", "enforce_eager")
 
 
 def partial_dir(output_dir: str) -> Path:
@@ -175,26 +216,28 @@ class ChunkedRun:
         crash_point(f"chunk:{index}")
 
     def finalize(self, num_chunks: int, expected_ids: list[str], provenance: dict, run_config: dict) -> dict:
-        """Stream the chunks in order into a `datasets` directory, check every id once, publish; return stats."""
-        import pyarrow as pa
+        """Stream the chunks in order into the parquet parts of the published dataset, check every id once,
+        publish; return the provenance with row and token counts."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
-        from datasets import Dataset
 
-        combined = self.dir / "combined.arrow"
         ids, tokens = [], 0
-        with pa.OSFile(str(combined), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+
+        def chunks():
+            nonlocal tokens
             for index in range(num_chunks):
                 table = pq.read_table(self.chunk_path(index), schema=self.schema)
-                ids += table.column("id").to_pylist()
+                ids.extend(table.column("id").to_pylist())
                 tokens += int(pc.sum(pc.list_value_length(table.column("completion_token_ids"))).as_py() or 0)
-                writer.write_table(table)
+                yield table
+
+        tmp = staging_dir(self.output_dir)
+        write_parts(chunks(), tmp, self.schema)
         if ids != expected_ids:  # cannot happen unless the partial directory was edited by hand
+            shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{self.dir}: the chunks hold {len(ids)} rows, {len(set(ids))} distinct ids, "
                             f"expected {len(expected_ids)}; pass overwrite=true to regenerate")
         crash_point("finalize")
-        tmp = staging_dir(self.output_dir)
-        Dataset.from_file(str(combined)).save_to_disk(str(tmp))
         provenance = {**provenance, "num_rows": len(ids), "completion_tokens": tokens}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         write_run_record(tmp, self.stage, run_config)

@@ -36,9 +36,11 @@ class GenerateConfig:
     model: str = ""
     """Teacher: a local model directory (or hub id when online) loadable by `AutoModelForCausalLM`."""
     prompts: str = ""
-    """Prompts: a JSONL file (one `{"messages": [...]}` per line) or a `datasets` directory from `save_to_disk`."""
+    """Prompts: a JSONL file (one `{"messages": [...]}` per line), a teacher dataset directory or a `datasets`
+    directory from `save_to_disk`."""
     output_dir: str = ""
-    """Where the teacher dataset is written (`datasets.load_from_disk` reads it back)."""
+    """Where the teacher dataset is written: `data/part-*.parquet` + provenance.json + run.json
+    (`llm_distill.data.load_teacher_dataset` or `datasets.load_dataset("parquet", ...)` reads it back)."""
     backend: str = "transformers"
     """Generation backend. `transformers` runs anywhere (CPU or a small GPU); `vllm` runs big teachers fast on
     CUDA GPUs (`pip install llm-distill[vllm]`; the engine fields at the end of this list apply to it)."""
@@ -380,10 +382,13 @@ class ScoreConfig:
     """Teacher: a local model directory (or hub id when online) loadable by `AutoModelForCausalLM`."""
     responses: str = ""
     """JSONL with `{"messages": [...], "completion": "..."}` (or messages ending with the assistant turn) per line,
-    or a `datasets` directory with `messages` + `completion` (token ids are reused when it has them and the same
-    tokenizer wrote them)."""
+    or a dataset directory (teacher dataset or `save_to_disk`) with `messages` + `completion` (token ids are reused
+    when it has them and the same tokenizer wrote them)."""
     output_dir: str = ""
     """Where the scored dataset is written (the generate schema; `finish_reason` is `given`)."""
+    backend: str = "transformers"
+    """Scoring backend: `transformers` (anywhere) or `vllm` (CUDA GPUs, `pip install llm-distill[vllm]`; prompt
+    logprobs of prompt + response; the engine fields at the end of this list apply to it)."""
     logprobs: int = 20
     """k: how many top teacher tokens (ids and raw logprobs) are stored per completion position."""
     append_eos: bool = True
@@ -406,6 +411,19 @@ class ScoreConfig:
     overwrite: bool = False
     """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
 
+    tensor_parallel_size: int = 1
+    """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
+    process per GPU with `shard=i/N` instead."""
+    gpu_memory_utilization: float = 0.9
+    """backend=vllm: fraction of each GPU's memory vLLM may take (weights + KV cache)."""
+    max_model_len: Optional[int] = None
+    """backend=vllm: context length to allocate KV cache for (default: the model's); prompt + response must fit."""
+    max_num_batched_tokens: Optional[int] = None
+    """backend=vllm: tokens per engine step (default: vLLM's). Scoring computes full-vocabulary logits for every
+    scheduled token, so lower this if it runs out of memory."""
+    enforce_eager: bool = False
+    """backend=vllm: skip CUDA graph capture (faster start, less memory)."""
+
     def __post_init__(self) -> None:
         _check(bool(self.model), "score: 'model' is required (path to the teacher)")
         _check(bool(self.responses), "score: 'responses' is required (a JSONL file or a datasets directory)")
@@ -414,6 +432,13 @@ class ScoreConfig:
         _check(self.batch_size >= 1 and self.chunk_size >= 1, "score: batch_size and chunk_size must be >= 1")
         _check(self.on_long_prompt in ("error", "skip"),
                f"score: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
+        _check(self.backend in ("transformers", "vllm"),
+               f"score: backend '{self.backend}' is not one of transformers, vllm")
+        _check(self.tensor_parallel_size >= 1, "score: tensor_parallel_size must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "score: gpu_memory_utilization must be in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "score: max_model_len must be >= 1")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "score: max_num_batched_tokens must be >= 1")
         _check_shard(self.shard, "score")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                f"score: dtype '{self.dtype}' is not one of auto, float32, bfloat16, float16")

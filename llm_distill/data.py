@@ -1,4 +1,13 @@
-"""Prompts in, datasets out: prompt loading/validation, the teacher dataset schema, run directories."""
+"""Prompts in, datasets out: prompt loading/validation, reading teacher datasets, run directories.
+
+A teacher dataset (what generate, score, merge and ensemble publish) is a directory:
+
+    data/part-00000.parquet ...  the rows, in prompt order, zstd parquet (chunks.parquet_options), >= 1 file
+    provenance.json              what produced them (teacher, tokenizer, k, sampling, counts, ...)
+    run.json                     the stage and settings of the run that wrote it
+
+`load_teacher_dataset` opens one as a `datasets.Dataset` (and still opens a `save_to_disk` directory).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant")
 RUN_FILE = "run.json"
 PROVENANCE_FILE = "provenance.json"
+DATA_DIR = "data"  # the parquet parts of a published teacher dataset, data/part-00000.parquet ...
+PART_GLOB = "part-*.parquet"
 
 
 @dataclass
@@ -50,18 +61,13 @@ def _validate_record(rec, where: str, index: int) -> Prompt:
 
 
 def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = False) -> list[Prompt]:
-    """Read and validate chat prompts from JSONL or a `save_to_disk` directory."""
+    """Read and validate chat prompts from JSONL, a teacher dataset directory or a `save_to_disk` directory."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path}: prompts file not found")
     prompts: list[Prompt] = []
     if p.is_dir():
-        from datasets import load_from_disk
-
-        try:
-            ds = load_from_disk(str(p))
-        except Exception as e:  # not a datasets directory
-            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file instead") from None
+        ds = load_teacher_dataset(str(p))
         for i, rec in enumerate(ds):
             if limit is not None and len(prompts) >= limit:
                 break
@@ -87,6 +93,67 @@ def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = Fal
             raise UserError(f"{pr.where}: duplicate id {pr.id!r} (first at {seen[pr.id]}); ids must be unique")
         seen[pr.id] = pr.where
     return prompts
+
+
+def teacher_parquet_files(path: str) -> list[Path]:
+    """The parquet parts of a published teacher dataset, in row order (empty for any other directory)."""
+    return sorted((Path(path) / DATA_DIR).glob(PART_GLOB))
+
+
+def _is_save_to_disk_dir(p: Path) -> bool:
+    return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+
+
+def load_teacher_dataset(path: str, cache_dir: Optional[str] = None):
+    """A teacher dataset directory as a `datasets.Dataset` (memory-mapped Arrow), rows in the stored order.
+
+    Reads `DIR/data/part-*.parquet` (what generate, score, merge and ensemble publish; the same as
+    `datasets.load_dataset("parquet", data_files="DIR/data/*.parquet", split="train")`). The first load converts
+    the parquet into an Arrow cache file that later loads reuse: under `cache_dir` if given, else in the datasets
+    cache (`$HF_DATASETS_CACHE`, by default `~/.cache/huggingface/datasets`), 2-3.5x the parquet size. A
+    directory written by `Dataset.save_to_disk` (older llm_distill outputs, other tools) is opened in place with
+    `load_from_disk`. Anything else is a one-line UserError.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{path}: dataset directory not found (write one with `llm-distill generate`)")
+    files = teacher_parquet_files(path)
+    try:
+        if files:
+            from datasets import Dataset
+
+            return Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir, split="train")
+        if _is_save_to_disk_dir(p):
+            from datasets import load_from_disk
+
+            return load_from_disk(str(p))
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: cannot read this dataset ({type(e).__name__}: {first})") from None
+    raise UserError(f"{path}: not a teacher dataset (no {DATA_DIR}/{PART_GLOB}) nor a `save_to_disk` directory; "
+                    "write one with `llm-distill generate`, or pass a JSONL file")
+
+
+def teacher_tables(path: str, columns: Optional[list] = None):
+    """(Arrow schema, iterator of pyarrow tables in row order) of a teacher dataset, read without the datasets
+    cache: the parquet row groups one by one, or the memory-mapped table of a `save_to_disk` directory."""
+    files = teacher_parquet_files(path)
+    if files:
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(files[0])
+
+        def parts():
+            for f in files:
+                pf = pq.ParquetFile(f)
+                for i in range(pf.num_row_groups):
+                    yield pf.read_row_group(i, columns=columns)
+
+        return schema, parts()
+    ds = load_teacher_dataset(path)
+    table = ds.flatten_indices().data.table if ds._indices is not None else ds.data.table
+    schema = ds.features.arrow_schema
+    return schema, iter([table.select(columns) if columns else table])
 
 
 def encode_prompt(tokenizer, messages: list, model_name: str = "model") -> list[int]:

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from . import __version__
+from .chunks import write_parts
 from .config import EnsembleConfig, config_to_dict
-from .data import PROVENANCE_FILE, SCHEMA_VERSION, check_output_dir, publish, staging_dir, write_run_record
+from .data import (PROVENANCE_FILE, SCHEMA_VERSION, check_output_dir, load_teacher_dataset, publish, staging_dir,
+                   write_run_record)
 from .errors import UserError
 
 
@@ -62,15 +64,10 @@ def combine_topk(topk_ids: list[torch.Tensor], topk_logprobs: list[torch.Tensor]
 
 
 def _load(path: str):
-    from datasets import load_from_disk
-
     f = Path(path) / PROVENANCE_FILE
     if not f.is_file():
         raise UserError(f"{path}: not a finished generate/score output (no {PROVENANCE_FILE})")
-    try:
-        ds = load_from_disk(path)
-    except Exception as e:
-        raise UserError(f"{path}: not a datasets directory ({type(e).__name__})") from None
+    ds = load_teacher_dataset(path)
     if "topk_token_ids" not in ds.column_names:
         raise UserError(f"{path}: has no teacher top-k (topk_token_ids); write it with generate or score")
     return ds, json.loads(f.read_text())
@@ -85,8 +82,6 @@ def _flat(ds, column: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray
 
 
 def main(cfg: EnsembleConfig) -> str:
-    from datasets import Dataset, DatasetInfo
-
     from .generate import TOPK_LOGPROB_DTYPE, Completion, dataset_features, rows_table
 
     check_output_dir(cfg.output_dir, "ensemble", config_to_dict(cfg), cfg.overwrite)
@@ -151,7 +146,7 @@ def main(cfg: EnsembleConfig) -> str:
     features = dataset_features(k)
     table = rows_table(meta, comps, None, k, features)
     tmp = staging_dir(cfg.output_dir)
-    Dataset(table, info=DatasetInfo(features=features)).save_to_disk(str(tmp))
+    write_parts([table], tmp, features.arrow_schema)
     provenance = {
         **{key: ref_prov.get(key) for key in ("schema_version", "tokenizer_hash", "chat_template_hash", "vocab_size",
                                               "sampling", "prompts_sha256", "responses_sha256")},

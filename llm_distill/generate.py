@@ -1,4 +1,4 @@
-"""Teacher generation: completions plus per-position raw top-k logprobs into a `datasets` directory.
+"""Teacher generation: completions plus per-position raw top-k logprobs into a teacher dataset (parquet).
 
     llm-distill generate recipes/tiny/generate.yaml model=data/tiny_task/teacher output_dir=runs/teacher_data
     llm-distill generate recipes/tiny/generate.yaml shard=0/2 output_dir=runs/part0   # one of N processes

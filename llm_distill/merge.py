@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .chunks import parse_shard
+from .chunks import parse_shard, write_parts
 from .config import MergeConfig, config_to_dict
-from .data import PROVENANCE_FILE, check_output_dir, publish, staging_dir, write_run_record
+from .data import PROVENANCE_FILE, check_output_dir, publish, staging_dir, teacher_tables, write_run_record
 from .errors import UserError
 
 # Provenance fields every shard must share: they define what a row means. Dates, row counts, backend version
@@ -29,8 +29,6 @@ MUST_MATCH = ("stage", "schema_version", "teacher", "teacher_revision", "tokeniz
 
 
 def main(cfg: MergeConfig) -> str:
-    from datasets import concatenate_datasets, load_from_disk
-
     check_output_dir(cfg.output_dir, "merge", config_to_dict(cfg), cfg.overwrite)
     provs, seen_shards = [], {}
     for path in cfg.inputs:
@@ -65,16 +63,28 @@ def main(cfg: MergeConfig) -> str:
         print(f"merge: warning: shards {', '.join(f'{i}/{n}' for i in missing)} are missing; their prompts are not in "
               "the output (recorded in provenance.json)")
 
-    parts = [load_from_disk(p) for p in cfg.inputs]
     first_seen: dict[str, str] = {}
-    for path, ds in zip(cfg.inputs, parts):
-        for rid in ds.data.column("id").to_pylist():
-            if rid in first_seen:
-                raise UserError(f"{path}: id {rid!r} is also in {first_seen[rid]}; each row must come from one shard")
-            first_seen[rid] = path
-    merged = concatenate_datasets(parts)
+    for path in cfg.inputs:
+        for table in teacher_tables(path, columns=["id"])[1]:
+            for rid in table.column("id").to_pylist():
+                if rid in first_seen:
+                    raise UserError(f"{path}: id {rid!r} is also in {first_seen[rid]}; each row must come from one "
+                                    "shard")
+                first_seen[rid] = path
+    schema = teacher_tables(cfg.inputs[0])[0]
+
+    def tables():  # every shard's rows in input order, each in its own order, as the shards' parquet holds them
+        for path in cfg.inputs:
+            for table in teacher_tables(path)[1]:
+                try:
+                    yield table.cast(schema) if not table.schema.equals(schema) else table
+                except (ValueError, TypeError, NotImplementedError) as e:
+                    raise UserError(f"{path}: its columns differ from {cfg.inputs[0]}'s ({str(e).splitlines()[0]}); "
+                                    "merge only shards of one run") from None
+
     tmp = staging_dir(cfg.output_dir)
-    merged.save_to_disk(str(tmp))
+    write_parts(tables(), tmp, schema)
+    num_rows = len(first_seen)
     tokens = sum(p.get("completion_tokens", 0) for p in provs)
     skipped = [i for p in provs for i in p.get("skipped_long_prompts", {}).get("ids", [])]
     provenance = {
@@ -88,7 +98,7 @@ def main(cfg: MergeConfig) -> str:
         "missing_shards": [f"{i}/{n}" for i in missing],
         "shard": None,
         "num_prompts": sum(p.get("num_prompts", 0) for p in provs),
-        "num_rows": len(merged),
+        "num_rows": num_rows,
         "completion_tokens": tokens,
         "skipped_long_prompts": {"count": sum(p.get("skipped_long_prompts", {}).get("count", 0) for p in provs),
                                  "ids": skipped[:100]},
@@ -96,5 +106,5 @@ def main(cfg: MergeConfig) -> str:
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     write_run_record(tmp, "merge", config_to_dict(cfg))
     publish(tmp, cfg.output_dir)
-    print(f"merge: {len(cfg.inputs)} of {n} shards, {len(merged)} rows, {tokens} completion tokens -> {cfg.output_dir}")
+    print(f"merge: {len(cfg.inputs)} of {n} shards, {num_rows} rows, {tokens} completion tokens -> {cfg.output_dir}")
     return cfg.output_dir

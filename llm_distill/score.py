@@ -3,8 +3,9 @@
     llm-distill score model=data/tiny_task/teacher responses=answers.jsonl output_dir=runs/scored
 
 `responses` is a JSONL file, one `{"messages": [...], "completion": "..."}` per line (or `messages` ending with
-the assistant turn, which is then the completion), or a `datasets` directory with `messages` + `completion`
+the assistant turn, which is then the completion), or a dataset directory with `messages` + `completion`
 (a generate output, for example: its token ids are reused when its provenance has this teacher's tokenizer).
+`backend: vllm` scores with vLLM (prompt logprobs; CUDA only), as generate does.
 The output has generate's schema, with `finish_reason: given`, and is written by the same chunked, resumable,
 shardable writer (chunks.py), so `llm-distill merge` joins score shards too.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from . import __version__
 from .chunks import ChunkedRun, finished, parse_shard, partial_dir, sha256_json, shard_of
 from .config import ScoreConfig, config_to_dict
-from .data import SCHEMA_VERSION, _validate_record, check_output_dir, encode_prompt, read_provenance
+from .data import (SCHEMA_VERSION, _validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
+                   read_provenance)
 from .errors import UserError
 from .generate import (TOPK_LOGPROB_DTYPE, TransformersBackend, dataset_features, filter_long, rows_table,
                        run_settings)
@@ -33,13 +35,7 @@ def _records(path: str, limit: int | None):
     if not p.exists():
         raise UserError(f"{path}: responses file not found")
     if p.is_dir():
-        from datasets import load_from_disk
-
-        try:
-            ds = load_from_disk(str(p))
-        except Exception as e:
-            raise UserError(f"{path}: not a datasets directory ({type(e).__name__}); pass a JSONL file "
-                            "instead") from None
+        ds = load_teacher_dataset(str(p))
         keep = [c for c in ("id", "prompt_id", "messages", "completion", "finish_reason", "prompt_token_ids",
                             "completion_token_ids") if c in ds.column_names]
         ds = ds.select_columns(keep)
@@ -103,8 +99,13 @@ def main(cfg: ScoreConfig) -> str:
     check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
     rows = load_responses(cfg.responses, cfg.limit)
     responses_sha = sha256_json([[r["id"], r["messages"], r["completion"]] for r in rows])
-    backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
-                                  batch_size=cfg.batch_size)
+    if cfg.backend == "vllm":
+        from .vllm_backend import backend_from_config
+
+        backend = backend_from_config(cfg)
+    else:
+        backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
+                                      batch_size=cfg.batch_size)
     tok = backend.tokenizer
     k = min(cfg.logprobs, backend.vocab_size)
     # Token ids from a dataset written with this very tokenizer are reused (no second tokenisation);

@@ -437,8 +437,10 @@ def main(cfg: TrainConfig) -> str:
     def load_teacher_data(path: str):
         if not Path(path).is_dir():
             raise UserError(f"{path}: dataset directory not found (write one with `llm-distill generate`)")
+        from .data import load_teacher_dataset  # data/part-*.parquet, or an older save_to_disk directory
+
         try:
-            ds = load_from_disk(path)
+            ds = load_teacher_dataset(path)
         except Exception as e:
             raise UserError(f"{path}: not a datasets directory ({type(e).__name__})") from None
         if len(ds) == 0:

@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# load_teacher_dataset converts parquet to an Arrow cache: keep the tests' caches out of ~/.cache (the CLI runs
+# inherit this).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="llm_distill_test_hf_datasets_"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,7 @@ from conftest import STUDENT_CONFIG, run_cli
 
 
 def test_ensemble_of_two_teachers_trains(teacher_data, tiny_teacher, tmp_path):
-    from datasets import load_from_disk
-
+    from llm_distill.data import load_teacher_dataset
     from llm_distill.ensemble import combine_topk
     from llm_distill.tiny import save_tiny_model
 
@@ -26,7 +25,7 @@ def test_ensemble_of_two_teachers_trains(teacher_data, tiny_teacher, tmp_path):
     assert [t["teacher"] for t in prov["teachers"]] == [str(tiny_teacher), str(other)]
     assert [t["k"] for t in prov["teachers"]] == [8, 5]
 
-    a, b, e = (load_from_disk(str(p)) for p in (teacher_data, scored, out))
+    a, b, e = (load_teacher_dataset(str(p)) for p in (teacher_data, scored, out))
     assert e["id"] == a["id"] and e["completion_token_ids"] == a["completion_token_ids"]
     row_b = {r["id"]: r for r in b}
     for i in (0, 5):

@@ -110,3 +110,12 @@ def test_empty_heldout_set_reports_sizes_only(tiny_teacher, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["teacher"]["params"] > 0 and "exact_match" not in report["models"]["teacher"]
     assert any("empty" in n for n in report["notes"])
+
+
+def test_train_prompts_may_be_a_teacher_dataset(teacher_data, prompts_file):
+    """train_prompts given as a generate output (parquet teacher dataset): its prompts count as training prompts."""
+    from llm_distill.data import load_prompts
+    from llm_distill.evaluate import contamination
+
+    held = load_prompts(str(prompts_file))
+    assert contamination(held, str(teacher_data)) == [p.id for p in held]

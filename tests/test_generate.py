@@ -8,15 +8,14 @@ import pytest
 import torch
 from conftest import run_cli, write_lines
 
-from llm_distill.data import encode_prompt
+from llm_distill.data import encode_prompt, load_teacher_dataset
 from llm_distill.generate import decode_batch
 
 
 def test_dataset_schema_and_invariants(teacher_data, tiny_teacher, prompts_file):
-    from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    ds = load_from_disk(str(teacher_data))
+    ds = load_teacher_dataset(str(teacher_data))
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     prompts = [json.loads(l) for l in prompts_file.read_text().splitlines()]
     assert len(ds) == 2 * len(prompts)
@@ -75,13 +74,11 @@ def test_greedy_matches_transformers_generate_and_forward(tiny_teacher):
 
 
 def test_sampling_is_seeded(tiny_teacher, prompts_file, tmp_path):
-    from datasets import load_from_disk
-
     common = [f"model={tiny_teacher}", f"prompts={prompts_file}", "temperature=1.0", "max_new_tokens=6",
               "logprobs=2", "limit=4", "seed=5"]
     run_cli("generate", *common, f"output_dir={tmp_path / 'a'}")
     run_cli("generate", *common, f"output_dir={tmp_path / 'b'}")
-    a, b = load_from_disk(str(tmp_path / "a")), load_from_disk(str(tmp_path / "b"))
+    a, b = load_teacher_dataset(str(tmp_path / "a")), load_teacher_dataset(str(tmp_path / "b"))
     assert a["completion_token_ids"] == b["completion_token_ids"]
 
 
@@ -161,9 +158,7 @@ def _run(*args, crash_at=None, check=True):
 
 
 def _rows(path):
-    from datasets import load_from_disk
-
-    return load_from_disk(str(path)).to_list()
+    return load_teacher_dataset(str(path)).to_list()
 
 
 def _partial(out: Path) -> Path:
@@ -362,3 +357,82 @@ def test_check_logprobs_accepts_neg_inf_topk_refuses_neg_inf_token():
     nan = Completion([3], ok.topk_ids, torch.tensor([[float("nan"), -1.0]]), ok.token_logprob, ok.tail_logprob, "stop")
     with pytest.raises(UserError, match="nan top-k logprob"):
         check_logprobs(nan, "row")
+
+
+def test_published_layout_and_readers(teacher_data, tmp_path):
+    """generate publishes data/part-*.parquet + provenance.json + run.json; load_teacher_dataset, plain
+    `load_dataset("parquet")` and an older `save_to_disk` directory give the same rows; anything else is one line."""
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    from llm_distill.chunks import write_parts
+    from llm_distill.data import teacher_parquet_files, teacher_tables
+    from llm_distill.errors import UserError
+
+    assert sorted(p.name for p in teacher_data.iterdir()) == ["data", "provenance.json", "run.json"]
+    files = teacher_parquet_files(str(teacher_data))
+    assert [f.name for f in files] == ["part-00000.parquet"]
+    meta = pq.ParquetFile(files[0]).metadata.row_group(0).column(0)
+    assert meta.compression == "ZSTD"
+    ds = load_teacher_dataset(str(teacher_data))
+    rows = ds.to_list()
+    assert ds.features["topk_token_ids"].feature.length == 8  # fixed-size top-k lists survive the round trip
+    plain = load_dataset("parquet", data_files=str(teacher_data / "data" / "*.parquet"), split="train")
+    assert plain.to_list() == rows
+
+    # Several parts: rows stay in order across them.
+    schema, tables = teacher_tables(str(teacher_data))
+    split = tmp_path / "split"
+    table = next(tables)
+    assert write_parts([table.slice(i, 5) for i in range(0, len(table), 5)], split, schema, part_bytes=1) > 1
+    assert load_teacher_dataset(str(split)).to_list() == rows
+
+    ds.save_to_disk(str(tmp_path / "old"))  # an older llm_distill output / another tool's datasets directory
+    assert load_teacher_dataset(str(tmp_path / "old")).to_list() == rows
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(UserError, match="not a teacher dataset") as e:
+        load_teacher_dataset(str(tmp_path / "junk"))
+    assert "\n" not in str(e.value)
+
+
+def test_vllm_memory_settings_may_change_on_resume(tiny_teacher):
+    """Lowering gpu_memory_utilization / max_num_batched_tokens or enforcing eager mode after an OOM resumes the
+    run; max_model_len (which prompts fit) does not."""
+    from llm_distill.config import GenerateConfig, load_config
+    from llm_distill.generate import run_settings
+    from llm_distill.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_teacher))
+    base = ["model=m", "prompts=p", "output_dir=o", "backend=vllm"]
+    a = run_settings(load_config(GenerateConfig, None, base), tok, "sha")
+    b = run_settings(load_config(GenerateConfig, None, base + ["gpu_memory_utilization=0.5",
+                                                              "max_num_batched_tokens=512", "enforce_eager=true"]),
+                     tok, "sha")
+    assert a == b
+    assert a != run_settings(load_config(GenerateConfig, None, base + ["max_model_len=64"]), tok, "sha")
+
+
+def test_merge_reads_parquet_and_save_to_disk_shards(teacher_data, tmp_path):
+    """merge joins a published (parquet) shard and an older save_to_disk shard into parquet parts, in input order."""
+    from llm_distill import merge
+    from llm_distill.chunks import shard_of, write_parts
+    from llm_distill.config import MergeConfig, load_config
+
+    ds = load_teacher_dataset(str(teacher_data))
+    prov = json.loads((teacher_data / "provenance.json").read_text())
+    for i in range(2):
+        part = ds.filter(lambda r: shard_of(r["id"], 2) == i).flatten_indices()
+        d = tmp_path / f"s{i}"
+        if i == 0:
+            write_parts([part.data.table], d, part.features.arrow_schema)
+        else:
+            part.save_to_disk(str(d))
+        (d / "provenance.json").write_text(json.dumps({**prov, "shard": f"{i}/2", "num_rows": len(part)}))
+    out = tmp_path / "merged"
+    merge.main(load_config(MergeConfig, None, [f"inputs=[{tmp_path / 's1'},{tmp_path / 's0'}]", f"output_dir={out}"]))
+    rows = load_teacher_dataset(str(out)).to_list()
+    by_id = {r["id"]: r for r in ds.to_list()}
+    assert [r["id"] for r in rows] == [r for i in (1, 0) for r in by_id if shard_of(r, 2) == i]
+    assert all(r == by_id[r["id"]] for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["data", "provenance.json", "run.json"]

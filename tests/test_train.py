@@ -132,9 +132,9 @@ def test_padded_student_vocabulary_and_smaller_k(teacher_data, tmp_path):
 
 
 def test_nan_teacher_logprobs_are_rejected(teacher_data, tmp_path):
-    from datasets import load_from_disk
+    from llm_distill.data import load_teacher_dataset
 
-    ds = load_from_disk(str(teacher_data))
+    ds = load_teacher_dataset(str(teacher_data))
     bad = ds.map(lambda r, i: {"topk_logprobs": [[float("nan")] * len(r["topk_logprobs"][0])] + r["topk_logprobs"][1:]}
                  if i == 0 else {}, with_indices=True)
     path = tmp_path / "bad"
@@ -253,9 +253,9 @@ def test_tensorboard_bf16_gradient_checkpointing_and_length_grouping(teacher_dat
 def test_kd_refuses_rows_the_student_tokenizer_reads_differently(teacher_data, tmp_path):
     """Same vocabulary but another chat template at capture (shifted prompt ids), or ids that do not decode to
     the stored text: one-line errors naming the row, before any training."""
-    from datasets import load_from_disk
+    from llm_distill.data import load_teacher_dataset
 
-    ds = load_from_disk(str(teacher_data))
+    ds = load_teacher_dataset(str(teacher_data))
     cases = {"template": lambda r: {"prompt_token_ids": r["prompt_token_ids"][1:]},
              "text": lambda r: {"completion": r["completion"] + "!"}}
     for name, change in cases.items():

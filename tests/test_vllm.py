@@ -508,6 +508,29 @@ def test_generate_cli_backend_vllm_on_cpu(tiny_teacher, prompts_file, tmp_path):
     assert not out.exists()
 
 
+def test_score_cli_backend_vllm_on_cpu(tiny_teacher, tmp_path):
+    """`score backend=vllm` through the real CLI: exit 2, one line, nothing written (partial directory included)."""
+    import json
+
+    from conftest import run_cli
+
+    from llm_distill.config import ScoreConfig, load_config
+    from llm_distill.vllm_backend import NEEDS_VLLM
+
+    responses = tmp_path / "answers.jsonl"
+    responses.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2+2?"}],
+                                     "completion": "4"}) + "\n")
+    out = tmp_path / "out"
+    proc = run_cli("score", f"model={tiny_teacher}", f"responses={responses}", f"output_dir={out}", "backend=vllm",
+                   "tensor_parallel_size=2", "max_num_batched_tokens=256", "logprobs=4", check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert NEEDS_VLLM in lines[0]
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+    with pytest.raises(UserError, match="not one of transformers, vllm"):
+        load_config(ScoreConfig, None, ["model=m", "responses=r", "output_dir=o", "backend=sglang"])
+
+
 def test_config_engine_fields():
     from llm_distill.config import GenerateConfig, load_config
 
