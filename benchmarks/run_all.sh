@@ -60,6 +60,7 @@ if [ $QUICK = 1 ]; then
 else
     run kd_step              "$PY" benchmarks/kd_step.py 30 8
     run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
+    run vs_trl_larger        "$TRL_PY" benchmarks/vs_trl.py --larger --steps 100 --rounds 1
     run loss_memory          "$PY" benchmarks/loss_memory.py
     run storage              "$PY" benchmarks/storage.py
     run generate_batched     "$PY" benchmarks/generate_batched.py
@@ -71,7 +72,7 @@ fi
 
 for f in "$out"/*.txt; do
     [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $(basename "$f" .txt) "* ]] && continue
-    echo; echo "######## $(basename "$f" .txt)"; grep -v '^\s*$' "$f" | grep -v '^\(train\|generate\|evaluate\): ' || true
+    echo; echo "######## $(basename "$f" .txt)"; grep -v '^\s*$' "$f" | grep -v "^\(train\|generate\|evaluate\): \|^{'train_runtime'" || true
 done
 echo
 echo "benchmarks at commit $commit$dirty -> $out/"

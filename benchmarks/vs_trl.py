@@ -7,6 +7,7 @@
 #     benchmarks/.venv-trl/bin/pip install -e . trl==1.16.0        # TRL 1.16 runs on transformers 5.x
 #     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py         # about 5 minutes on 2 cores (+1 the first time: teacher pass)
 #     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py --quick # about 2 minutes; --threads 1 for one torch thread
+#     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py --larger  # 4.2 M random teacher, 535 k student
 #
 # Setup (identical for the three unless listed under "what differs", which the script also prints):
 #   teacher  data/tiny_task/teacher (1.06 M params, Llama, the bundled char tokenizer, vocab 86)
@@ -44,25 +45,33 @@ OUT = ROOT / "runs" / "bench" / "vs_trl"
 TEACHER = ROOT / "data" / "tiny_task" / "teacher"
 RECIPE = ROOT / "recipes" / "tiny" / "train_kd.yaml"
 N_PROMPTS = 2000
+DATA = OUT / "teacher_data"
+STUDENT: dict = {}  # student_config overrides (--larger)
+SIZES: dict = {}
 MAX_LEN = 128
 WARMUP = 10
 
 DIFFERENCES = [
     "ours reads the teacher's stored top-20 + tail (generated once, offline); GKD runs the teacher's forward "
-    "(1.06 M params) on every batch and compares the full 86-token distributions",
+    "on every batch and compares the full (86-token) distributions",
     "ours: forward KL + CE (the recipe); GKD: forward KL only (beta=0); SFT: CE only",
     "ours projects only completion positions onto the vocabulary (chunked); GKD computes full student and teacher "
     "logits at every position; SFT uses TRL's fused chunked LM head (and logs entropy and token accuracy)",
     "ours pads right; GKD's ChatML collator pads left; SFT pads right. Data order differs (each trainer's own "
     "seeded shuffle), hence tokens/s, not steps/s, is compared",
-    "at this size (137 k student, vocabulary 86) per-step Python overhead is a large share of a step; with real "
-    "models the teacher forward dominates GKD's step and the ratio to ours grows with teacher/student size",
+    "at these sizes (vocabulary 86, students of 137 k / 535 k params) fixed per-step work (Python, optimiser, "
+    "data) is a large share of every step; in FLOPs alone a GKD step adds a teacher forward (2 x teacher params per "
+    "token) to the student's forward + backward (6 x student params per token)",
 ]
 
 
 def teacher_data() -> Path:
     """The teacher's greedy completions + top-20 on N_PROMPTS bundled train prompts (`llm-distill generate`)."""
-    out = OUT / "teacher_data"
+    out = DATA
+    if not (TEACHER / "config.json").is_file():  # --larger: a randomly initialised teacher, same char tokenizer
+        from llm_distill.tiny import save_tiny_model
+
+        save_tiny_model(TEACHER, hidden_size=256, num_layers=4, seed=0)
     if not (out / "provenance.json").is_file():
         from llm_distill import generate
         from llm_distill.config import GenerateConfig, load_config
@@ -78,7 +87,7 @@ def train_config(steps: int, output_dir: Path):
     from llm_distill.config import TrainConfig, load_config
 
     return load_config(TrainConfig, str(RECIPE), values_={
-        "dataset": str(OUT / "teacher_data"), "output_dir": str(output_dir), "max_steps": WARMUP + steps,
+        "dataset": str(DATA), "output_dir": str(output_dir), "max_steps": WARMUP + steps, "student_config": STUDENT,
         "log_every": WARMUP, "group_by_length": False, "max_seq_len": MAX_LEN, "save_every": 0,
         "report_to": "none", "overwrite": True})
 
@@ -194,6 +203,8 @@ def run_trl(kind: str, baton: Baton, steps: int, tokens: list) -> None:
                 return super().training_step(model, inputs, num_items_in_batch)
 
         teacher = AutoModelForCausalLM.from_pretrained(str(TEACHER), dtype=torch.float32)
+        SIZES.update(teacher=sum(p.numel() for p in teacher.parameters()),
+                     student=sum(p.numel() for p in student.parameters()))
         args = GKDConfig(**common, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)
         trainer = Trainer(model=student, teacher_model=teacher, args=args, train_dataset=trl_dataset(True),
                           processing_class=tok, callbacks=[Boundary()])
@@ -217,7 +228,7 @@ def trl_dataset(with_prompt: bool):
     except ImportError:
         from datasets import load_from_disk
 
-    ds = load_from_disk(str(OUT / "teacher_data"))
+    ds = load_from_disk(str(DATA))
 
     def to_ids(row):
         p, c = row["prompt_token_ids"], row["completion_token_ids"]
@@ -270,9 +281,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds (fresh trainers each round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="50 timed steps, 1 round")
+    ap.add_argument("--larger", action="store_true",
+                    help="a randomly initialised 4.2 M teacher (hidden 256, 4 layers) and a 535 k student (hidden 128, "
+                         "2 layers), 1,000 prompts: less of each step is fixed overhead")
     a = ap.parse_args()
     if a.quick:
         a.steps, a.rounds = 50, 1
+    global TEACHER, DATA, STUDENT, N_PROMPTS
+    if a.larger:
+        TEACHER, DATA, N_PROMPTS = OUT / "teacher_h256_l4", OUT / "teacher_data_h256_l4", 1000
+        STUDENT = {"hidden_size": 128, "intermediate_size": 512}
     try:
         import trl
     except ImportError:
@@ -314,6 +332,8 @@ def main() -> None:
     print(f"llm_distill {getattr(llm_distill, '__version__', '?')}, trl {trl.__version__}, transformers "
           f"{transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs ({platform.machine()})")
+    print(f"teacher {SIZES['teacher']:,} params ({TEACHER.relative_to(ROOT)}), student {SIZES['student']:,} params "
+          f"({SIZES['teacher'] / SIZES['student']:.1f}x smaller)")
     print(f"{N_PROMPTS} rows, batch 32, max length {MAX_LEN}; {WARMUP} warm-up + {a.steps} timed steps per trainer "
           f"and round, {a.rounds} round(s), steps interleaved ours/GKD/SFT")
     print()
