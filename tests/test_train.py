@@ -118,7 +118,9 @@ def test_chunked_loss_trains_like_dense_logits(teacher_data, tmp_path):
     run_cli("train", *common, f"output_dir={tmp_path / 'chunked'}", "loss_chunk_size=7")
     a, b = _weights(tmp_path / "dense"), _weights(tmp_path / "chunked")
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+        # float32 logits summed in another order, then AdamW (lr 1e-2) divides by sqrt(v): one lm_head entry of
+        # 1,376 was measured 1.08e-5 apart after 3 steps, so 2e-5 (a real bug moves weights by ~lr = 1e-2)
+        assert torch.allclose(a[name], b[name], atol=2e-5), name
 
 
 def test_padded_student_vocabulary_and_smaller_k(teacher_data, tmp_path):
