@@ -415,7 +415,6 @@ def _trackers(report_to: str) -> list[str] | None:
 
 def main(cfg: TrainConfig) -> str:
     from accelerate import Accelerator
-    from datasets import load_from_disk
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
