@@ -233,7 +233,7 @@ def test_tensorboard_bf16_gradient_checkpointing_and_length_grouping(teacher_dat
               "log_every=1"]
     run_cli("train", *common, f"output_dir={tmp_path / 'plain'}", "group_by_length=false")
     run_cli("train", *common, f"output_dir={tmp_path / 'ckpt'}", "group_by_length=false", "gradient_checkpointing=true")
-    run_cli("train", *common, f"output_dir={tmp_path / 'grouped'}", "mixed_precision=bf16")
+    run_cli("train", *common, f"output_dir={tmp_path / 'grouped'}", "mixed_precision=bf16", "group_by_length=true")
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
