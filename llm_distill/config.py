@@ -219,6 +219,15 @@ class TrainConfig:
     """Sampling temperature of the student on on-policy steps (0: greedy, gkd only)."""
     onpolicy_logprobs: int = 20
     """k of the teacher's top-k (+ tail) computed for the student's samples."""
+    onpolicy_teacher_backend: str = "transformers"
+    """How `teacher` scores the student's samples: `transformers` (every process loads the teacher on its own
+    device: CPU, one GPU or DDP) or `vllm` (one vLLM engine colocated on the training GPU, `pip install
+    llm-distill[vllm]`; one training process only, and not with minillm_teacher_mix > 0; the tail bucket is
+    1 - the top-k mass, as in `score backend=vllm`)."""
+    onpolicy_teacher_gpu_memory_utilization: float = 0.3
+    """onpolicy_teacher_backend=vllm: share of the training GPU's memory the colocated vLLM engine may take
+    (teacher weights + KV cache); it must be free when the engine starts, before the student moves to the GPU,
+    and the student, its optimiser state and activations must fit in the rest."""
     minillm_single_step: bool = True
     """minillm: MiniLLM's single-step decomposition: the current token's reward is replaced by the exact
     per-position reverse KL on the teacher's k + 1 buckets (lower variance); future tokens keep the sampled reward."""
@@ -278,6 +287,10 @@ class TrainConfig:
         _check(self.onpolicy_temperature >= 0, "train: onpolicy_temperature must be >= 0 (0 = greedy)")
         _check(self.onpolicy_logprobs >= 1, "train: onpolicy_logprobs must be >= 1")
         _check(0.0 <= self.minillm_teacher_mix < 1.0, "train: minillm_teacher_mix must be in [0, 1)")
+        _check(self.onpolicy_teacher_backend in ("transformers", "vllm"),
+               f"train: onpolicy_teacher_backend '{self.onpolicy_teacher_backend}' is not one of transformers, vllm")
+        _check(0 < self.onpolicy_teacher_gpu_memory_utilization <= 1,
+               "train: onpolicy_teacher_gpu_memory_utilization must be in (0, 1] (a share of the training GPU)")
         if self.onpolicy_fraction > 0:
             _check(bool(self.teacher), "train: onpolicy_fraction > 0 needs 'teacher' (the teacher model directory "
                                        "that scores the student's samples), e.g. teacher=data/tiny_task/teacher")
@@ -285,6 +298,19 @@ class TrainConfig:
                                        "the KD term only)")
             _check(self.onpolicy_objective != "minillm" or self.onpolicy_temperature > 0,
                    "train: onpolicy_objective=minillm samples from the student; set onpolicy_temperature > 0")
+            _check(not (self.onpolicy_teacher_backend == "vllm" and self.onpolicy_objective == "minillm"
+                        and self.minillm_teacher_mix > 0),
+                   "train: minillm_teacher_mix > 0 mixes the teacher's logits into the student's sampling loop, which "
+                   "needs the teacher's weights in this process; with onpolicy_teacher_backend=vllm set "
+                   "minillm_teacher_mix=0, or use onpolicy_teacher_backend=transformers")
+
+    def check_processes(self, num_processes: int) -> None:
+        """Checks that depend on the launch (how many training processes); train runs them before loading data or
+        models."""
+        if self.onpolicy_fraction > 0 and self.onpolicy_teacher_backend == "vllm" and num_processes > 1:
+            raise UserError(f"train: onpolicy_teacher_backend=vllm starts one vLLM engine per training process and "
+                            f"each of the {num_processes} processes' engines would land on GPU 0; use "
+                            "onpolicy_teacher_backend=transformers under DDP, or train with one process")
 
 
 @dataclass

@@ -10,7 +10,8 @@ change the loss or its gradient.
 On-policy distillation (GKD): with `onpolicy_fraction` λ > 0 a step, chosen with probability λ from (seed, step),
 trains instead on the student's own samples for the step's prompts, scored by `teacher` in this process; its
 loss is the KD term (or, with onpolicy_objective=minillm, MiniLLM's policy gradient of the sequence-level
-reverse KL; experimental), normalised the same way.
+reverse KL; experimental), normalised the same way. With onpolicy_teacher_backend=vllm the teacher is a vLLM
+engine colocated on the training GPU (one training process only).
 
     llm-distill train recipes/tiny/train_kd.yaml onpolicy_fraction=0.5 teacher=data/tiny_task/teacher
 """
@@ -219,6 +220,14 @@ def onpolicy_step(seed: int, step: int, fraction: float) -> bool:
     if fraction <= 0:
         return False
     return sample_seed(seed, "onpolicy-step", step) / 2 ** 63 < fraction
+
+
+def onpolicy_vllm_kwargs(cfg: TrainConfig) -> dict:
+    """VLLMBackend keyword arguments of the on-policy teacher (onpolicy_teacher_backend=vllm): top-k =
+    onpolicy_logprobs, its share of the training GPU, the run's seed. It only scores (prompt logprobs), so the
+    sampling arguments keep their defaults."""
+    return {"k": cfg.onpolicy_logprobs, "gpu_memory_utilization": cfg.onpolicy_teacher_gpu_memory_utilization,
+            "seed": cfg.seed}
 
 
 @torch.no_grad()
@@ -432,6 +441,11 @@ def main(cfg: TrainConfig) -> str:
         # Sampling runs the unwrapped student outside the training forward; sharded weights are not whole there.
         raise UserError(f"train: on-policy steps (onpolicy_fraction > 0) run on one process or under DDP, not "
                         f"{accelerator.distributed_type.value}; use the DDP launch config")
+    cfg.check_processes(world)
+    if cfg.onpolicy_fraction > 0 and cfg.onpolicy_teacher_backend == "vllm":
+        from .vllm_backend import require_vllm
+
+        require_vllm("onpolicy_teacher_backend")  # no vllm or no CUDA: one line now, before any data or model
 
     def load_teacher_data(path: str):
         if not Path(path).is_dir():
@@ -505,11 +519,18 @@ def main(cfg: TrainConfig) -> str:
     vocab = len(tokenizer)  # padded embedding rows beyond the tokenizer get no probability
     teacher = None
     if cfg.onpolicy_fraction > 0:
-        from .generate import TransformersBackend
+        if cfg.onpolicy_teacher_backend == "vllm":
+            from .vllm_backend import VLLMBackend
 
-        # Every process scores its own samples with its own copy of the teacher, on its own device.
-        teacher = TransformersBackend(cfg.teacher, device=str(accelerator.device), k=cfg.onpolicy_logprobs,
-                                      batch_size=cfg.micro_batch_size * cfg.grad_accum_steps)
+            # One engine on this (single) process's GPU, started while the student is still on the CPU, so that
+            # its share of the GPU's memory is free.
+            teacher = VLLMBackend(cfg.teacher, **onpolicy_vllm_kwargs(cfg))
+        else:
+            from .generate import TransformersBackend
+
+            # Every process scores its own samples with its own copy of the teacher, on its own device.
+            teacher = TransformersBackend(cfg.teacher, device=str(accelerator.device), k=cfg.onpolicy_logprobs,
+                                          batch_size=cfg.micro_batch_size * cfg.grad_accum_steps)
         if tokenizer_hash(teacher.tokenizer) != tokenizer_hash(tokenizer):
             raise UserError(f"{cfg.teacher}: the teacher's tokenizer differs from the student's ({tok_path}); "
                             "on-policy distillation scores the student's token ids, so they must share the vocabulary")
@@ -547,7 +568,7 @@ def main(cfg: TrainConfig) -> str:
               f"{accelerator.mixed_precision} mixed precision)"
               + (f"; {resplit} of the first 64 completions re-encode to other ids (sampled splits)" if resplit else "")
               + (f"; on-policy ({cfg.onpolicy_objective}) with probability {cfg.onpolicy_fraction} per step, teacher "
-                 f"{cfg.teacher}" if teacher is not None else "")
+                 f"{cfg.teacher} ({cfg.onpolicy_teacher_backend})" if teacher is not None else "")
               + (f", resuming at step {start} from {resume_from}" if start else ""))
     accelerator.wait_for_everyone()
     if trackers:
@@ -584,7 +605,8 @@ def main(cfg: TrainConfig) -> str:
         student = accelerator.unwrap_model(step_loss).model
         student.eval()  # no dropout while sampling (the training forward keeps it)
         if cfg.onpolicy_objective == "minillm":
-            outs = sample_mixture(student, teacher.model, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
+            mix_teacher = teacher.model if cfg.minillm_teacher_mix > 0 else None  # transformers only (config)
+            outs = sample_mixture(student, mix_teacher, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
                                   vocab=vocab, max_new_tokens=cfg.onpolicy_max_new_tokens,
                                   temperature=cfg.onpolicy_temperature, alpha=cfg.minillm_teacher_mix,
                                   row_seeds=seeds)

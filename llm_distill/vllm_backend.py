@@ -21,6 +21,7 @@ The conversion is tested on CPU against these real classes (tests/test_vllm.py);
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -41,14 +42,16 @@ LOGPROB_MAX = 1e-4
 MASS_MAX = 1.0 + 1e-3
 
 
-def require_vllm():
-    """The vllm module, or a one-line UserError when it is not installed or there is no CUDA device."""
+def require_vllm(field: str = "backend"):
+    """The vllm module, or a one-line UserError when it is not installed or there is no CUDA device (`field`: the
+    config field that asked for vllm, named in the message)."""
+    needs = NEEDS_VLLM.replace("backend=", f"{field}=")
     try:
         import vllm
     except ImportError as e:
-        raise UserError(f"{NEEDS_VLLM} (import vllm failed: {e})") from None
+        raise UserError(f"{needs} (import vllm failed: {e})") from None
     if not torch.cuda.is_available():
-        raise UserError(f"{NEEDS_VLLM} (no CUDA device is visible)")
+        raise UserError(f"{needs} (no CUDA device is visible)")
     return vllm
 
 
@@ -345,10 +348,27 @@ class VLLMBackend:
         self.stop_ids = _stop_ids(model, self.tokenizer)
         self.version = vllm.__version__
         self.revision = getattr(_hf_config(model), "_commit_hash", None)
-        self.llm = vllm.LLM(**engine_kwargs(
+        self.llm = vllm.LLM(**self.engine_kwargs_for(
             model, k=k, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
             max_num_batched_tokens=max_num_batched_tokens))
+
+    @classmethod
+    def engine_kwargs_for(cls, model: str, **kwargs) -> dict:
+        """The `vllm.LLM` keyword arguments `VLLMBackend(model, **kwargs)` starts its engine with, without starting
+        it (callers' contract tests check them against vLLM's own classes on CPU); defaults are __init__'s."""
+        bound = inspect.signature(cls.__init__).bind(None, model, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return engine_kwargs(model, k=a["k"], tensor_parallel_size=a["tensor_parallel_size"],
+                             gpu_memory_utilization=a["gpu_memory_utilization"], max_model_len=a["max_model_len"],
+                             seed=a["seed"], dtype=a["dtype"], enforce_eager=a["enforce_eager"],
+                             max_num_batched_tokens=a["max_num_batched_tokens"])
+
+    @staticmethod
+    def score_sampling_params(k: int):
+        """`score`'s vllm.SamplingParams for top-k = k (the engine is started with max_logprobs = k)."""
+        return build_sampling_params(k=k, max_logprobs=k, score=True)
 
     def context_length(self) -> int | None:
         return int(self.llm.model_config.max_model_len)
@@ -384,7 +404,7 @@ class VLLMBackend:
         max_num_batched_tokens if it runs out of memory."""
         from vllm.inputs import TokensPrompt
 
-        params = build_sampling_params(k=self.k, max_logprobs=self.k, score=True)
+        params = self.score_sampling_params(self.k)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in zip(prompt_ids, completion_ids)]
         outs = self.llm.generate(prompts, params, use_tqdm=progress is None)
         results = [score_from_vllm(out, len(p), c, self.k) for out, p, c in zip(outs, prompt_ids, completion_ids)]

@@ -112,3 +112,157 @@ def test_combine_topk_by_hand():
     assert tail.exp().item() == pytest.approx(0.05)
     with pytest.raises(ValueError):
         combine_topk(ids, lps, tails, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# onpolicy_teacher_backend=vllm: refusals, the CPU error through the CLI, and the engine contract (real vLLM
+# classes; the engine itself needs CUDA and has not run here).
+
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+import types  # noqa: E402
+
+from conftest import STUDENT_CONFIG, run_cli  # noqa: E402
+
+from llm_distill.config import TrainConfig, load_config  # noqa: E402
+from llm_distill.errors import UserError  # noqa: E402
+
+VLLM_ONPOLICY = ["dataset=d", "output_dir=o", "student=s", "onpolicy_fraction=0.5", "teacher=t",
+                 "onpolicy_teacher_backend=vllm"]
+
+
+def _one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_vllm_teacher_config_refusals():
+    """Unknown backend, a memory share outside (0, 1], teacher-mixed MiniLLM sampling with vllm (the mixture needs
+    the teacher's logits in the student's decode loop), and more than one training process with vllm."""
+    cfg = load_config(TrainConfig, None, VLLM_ONPOLICY)
+    assert (cfg.onpolicy_teacher_backend, cfg.onpolicy_teacher_gpu_memory_utilization) == ("vllm", 0.3)
+    assert load_config(TrainConfig, None, ["dataset=d", "output_dir=o", "student=s"]).onpolicy_teacher_backend \
+        == "transformers"
+    for bad, needle in (("onpolicy_teacher_backend=sglang", "onpolicy_teacher_backend 'sglang' is not one of "
+                                                            "transformers, vllm"),
+                        ("onpolicy_teacher_gpu_memory_utilization=0", "onpolicy_teacher_gpu_memory_utilization must "
+                                                                      "be in (0, 1]"),
+                        ("onpolicy_teacher_gpu_memory_utilization=1.5", "onpolicy_teacher_gpu_memory_utilization must "
+                                                                        "be in (0, 1]")):
+        with pytest.raises(UserError) as e:
+            load_config(TrainConfig, None, VLLM_ONPOLICY + [bad])
+        assert needle in _one_line(e)
+
+    mix = ["onpolicy_objective=minillm", "minillm_teacher_mix=0.2"]
+    with pytest.raises(UserError) as e:
+        load_config(TrainConfig, None, VLLM_ONPOLICY + mix)
+    msg = _one_line(e)
+    assert "minillm_teacher_mix" in msg and "onpolicy_teacher_backend=transformers" in msg
+    load_config(TrainConfig, None, VLLM_ONPOLICY + ["onpolicy_objective=minillm", "minillm_teacher_mix=0"])
+    load_config(TrainConfig, None, VLLM_ONPOLICY[:-1] + mix)  # transformers: the mixture is fine
+    load_config(TrainConfig, None, VLLM_ONPOLICY[:3] + ["onpolicy_fraction=0", "onpolicy_teacher_backend=vllm"] + mix)
+
+    cfg.check_processes(1)
+    with pytest.raises(UserError) as e:
+        cfg.check_processes(2)
+    msg = _one_line(e)
+    assert "onpolicy_teacher_backend=vllm" in msg and "use onpolicy_teacher_backend=transformers under DDP" in msg
+    load_config(TrainConfig, None, VLLM_ONPOLICY[:-1]).check_processes(2)
+    load_config(TrainConfig, None, VLLM_ONPOLICY[:3] + ["onpolicy_teacher_backend=vllm"]).check_processes(2)
+
+
+def test_train_checks_processes_before_loading_anything(monkeypatch, tmp_path):
+    """train runs the process-count check right after the Accelerator exists: under a 2-process DDP launch (its
+    Accelerator stood in for) the refusal comes before the (missing) dataset is even looked at."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from llm_distill import train
+
+    class TwoProcesses:
+        def __init__(self, **kwargs):
+            self.num_processes, self.process_index = 2, 0
+            self.distributed_type = DistributedType.MULTI_GPU
+
+    monkeypatch.setattr(accelerate, "Accelerator", TwoProcesses)
+    out = tmp_path / "out"
+    cfg = load_config(TrainConfig, None, [f"dataset={tmp_path / 'missing'}", f"output_dir={out}", "student=s",
+                                          "onpolicy_fraction=0.5", "teacher=t", "onpolicy_teacher_backend=vllm",
+                                          "report_to=none"])
+    with pytest.raises(UserError, match="use onpolicy_teacher_backend=transformers under DDP"):
+        train.main(cfg)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_train_cli_vllm_teacher_on_cpu(teacher_data, tiny_teacher, tmp_path):
+    """`train ... onpolicy_teacher_backend=vllm` through the real CLI on this CPU machine: exit 2, one line that
+    names vLLM and CUDA and the field, nothing written."""
+    out = tmp_path / "out"
+    proc = run_cli("train", f"dataset={teacher_data}", *STUDENT_CONFIG, f"output_dir={out}", "max_steps=2",
+                   "onpolicy_fraction=0.5", f"teacher={tiny_teacher}", "onpolicy_teacher_backend=vllm",
+                   "onpolicy_logprobs=5", check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("llm-distill train: error: onpolicy_teacher_backend=vllm needs `pip install "
+                               "llm-distill[vllm]` on a CUDA machine"), lines[0]
+    assert "CUDA" in lines[0] and "vllm" in lines[0].lower()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _vllm():
+    vllm = pytest.importorskip("vllm", minversion="0.33", reason="vllm==0.33.0 is not installed (`make test` installs "
+                                                                 "it on CPU from requirements-vllm-contract.txt)")
+    try:  # a half-finished install: vllm imports, one of its light dependencies does not
+        from vllm import SamplingParams  # noqa: F401
+        import vllm.config, vllm.engine.arg_utils  # noqa: F401, E401
+    except ImportError as e:
+        pytest.skip(f"vllm is not fully installed ({e})")
+    return vllm
+
+
+@pytest.mark.parametrize("overrides", [[], ["onpolicy_logprobs=32", "onpolicy_teacher_gpu_memory_utilization=0.25",
+                                            "seed=7"]])
+def test_vllm_teacher_engine_and_scoring_pass_vllm_validation(tiny_teacher, overrides):
+    """What train builds for onpolicy_teacher_backend=vllm (VLLMBackend's arguments -> its engine kwargs, and the
+    SamplingParams its `score` sends) is accepted by vLLM 0.33's own classes: EngineArgs fields, CacheConfig's
+    bounds on gpu_memory_utilization (the same as our config's), and the per-request logprobs check against the
+    engine's max_logprobs."""
+    vllm = _vllm()
+    from vllm.config import CacheConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llm_distill.train import onpolicy_vllm_kwargs
+    from llm_distill.vllm_backend import VLLMBackend
+
+    cfg = load_config(TrainConfig, None, ["dataset=d", "output_dir=o", "student=s", "onpolicy_fraction=0.5",
+                                          f"teacher={tiny_teacher}", "onpolicy_teacher_backend=vllm", *overrides])
+    kw = onpolicy_vllm_kwargs(cfg)
+    named = {n for n, p in inspect.signature(VLLMBackend.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert set(kw) <= named, set(kw) - named  # not swallowed by **_ignored
+    engine = VLLMBackend.engine_kwargs_for(cfg.teacher, **kw)
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert set(engine) <= fields, set(engine) - fields
+    args = EngineArgs(**engine)
+    assert args.model == str(tiny_teacher) and args.tensor_parallel_size == 1
+    assert args.max_logprobs >= cfg.onpolicy_logprobs and args.logprobs_mode == "raw_logprobs"
+    assert (args.gpu_memory_utilization, args.seed) == (cfg.onpolicy_teacher_gpu_memory_utilization, cfg.seed)
+    assert CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization).gpu_memory_utilization == \
+        cfg.onpolicy_teacher_gpu_memory_utilization
+    for share, ok in ((0.0, False), (1.0, True), (1.5, False)):  # our bounds are vLLM's
+        override = [f"onpolicy_teacher_gpu_memory_utilization={share}"]
+        if ok:
+            load_config(TrainConfig, None, VLLM_ONPOLICY + override)
+            CacheConfig(gpu_memory_utilization=share)
+        else:
+            with pytest.raises(UserError):
+                load_config(TrainConfig, None, VLLM_ONPOLICY + override)
+            with pytest.raises(ValueError):  # pydantic's ValidationError
+                CacheConfig(gpu_memory_utilization=share)
+
+    params = VLLMBackend.score_sampling_params(kw["k"])
+    assert isinstance(params, vllm.SamplingParams)
+    params._validate_logprobs(types.SimpleNamespace(max_logprobs=args.max_logprobs, get_vocab_size=lambda: 1000))
+    assert (params.prompt_logprobs, params.logprobs, params.max_tokens, params.n) == (cfg.onpolicy_logprobs, None, 1, 1)
+    assert params.detokenize is False and params.temperature == 0.0
