@@ -1,6 +1,6 @@
 # Teacher generation throughput: the transformers backend batched (prompts sorted by length, KV cache) vs one
 # prompt at a time, on the bundled tiny teacher and held-out prompts:
-#     python benchmarks/generate_batched.py             (CPU, about 1 minute)
+#     python benchmarks/generate_batched.py             (CPU, about 1 minute; on the GPU when CUDA is available)
 #     python benchmarks/generate_batched.py 200 128 3   (prompts, batch size, rounds; 128 as in recipes/tiny)
 # Both sides run `TransformersBackend.generate` (greedy, k=20, max_new_tokens=16, top-k + tail captured every
 # step), alternating batched and single rounds so machine noise hits both; the ratio of total tokens/s over
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(prompts: int = 200, batch_size: int = 128, rounds: int = 3) -> None:
     torch.set_num_threads(1)
-    backends = {bs: TransformersBackend(str(ROOT / "data/tiny_task/teacher"), device="cpu", k=20, temperature=0.0,
+    backends = {bs: TransformersBackend(str(ROOT / "data/tiny_task/teacher"), device="auto", k=20, temperature=0.0,
                                         max_new_tokens=16, batch_size=bs) for bs in (batch_size, 1)}
     tok = backends[1].tokenizer
     data = load_prompts(str(ROOT / "data/tiny_task/heldout.jsonl"), prompts)
@@ -38,7 +38,8 @@ def main(prompts: int = 200, batch_size: int = 128, rounds: int = 3) -> None:
     same = sum(a == b for a, b in zip(outputs[batch_size], outputs[1]))
     single = totals[1][0] / totals[1][1]
     print(f"tiny teacher ({sum(p.numel() for p in backends[1].model.parameters()):,} params), {len(ids)} held-out "
-          f"prompts x {rounds} rounds, greedy, k=20, max_new_tokens=16, torch threads {torch.get_num_threads()}; "
+          f"prompts x {rounds} rounds, greedy, k=20, max_new_tokens=16, torch threads {torch.get_num_threads()}, "
+          f"{backends[1].device} {backends[1].model.dtype}; "
           f"{same}/{len(ids)} completions identical between the two")
     print("| mode | tokens | seconds | tokens/s | vs one at a time |")
     print("|---|---:|---:|---:|---:|")

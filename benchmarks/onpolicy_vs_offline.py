@@ -29,7 +29,7 @@ VARIANTS = {
 }
 
 
-def main(steps: int = 400, seeds=(0, 1, 2)) -> None:
+def main(steps: int = 2500, seeds=(0, 1, 2)) -> None:
     data = OUT / "teacher_data"
     if not (data / "provenance.json").is_file():
         generate.main(load_config(GenerateConfig, str(ROOT / "recipes/tiny/generate.yaml"), values_={
@@ -72,4 +72,4 @@ def main(steps: int = 400, seeds=(0, 1, 2)) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(int(args[0]) if args else 400, tuple(int(s) for s in args[1].split(",")) if len(args) > 1 else (0, 1, 2))
+    main(int(args[0]) if args else 2500, tuple(int(s) for s in args[1].split(",")) if len(args) > 1 else (0, 1, 2))

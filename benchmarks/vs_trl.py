@@ -1,5 +1,6 @@
 # Our offline top-k KD train step vs TRL's GKDTrainer (lmbda=0: online teacher forward every step) and TRL's
-# SFTTrainer, same student, teacher, data, batch size, steps and max length, CPU float32.
+# SFTTrainer, same student, teacher, data, batch size, steps and max length, float32 (on the GPU when CUDA is
+# available, else the CPU).
 #
 # TRL is NOT a dependency of llm_distill: it lives in a separate benchmark environment (git-ignored):
 #     python -m venv benchmarks/.venv-trl
@@ -121,6 +122,10 @@ class Baton:
         return self.active[(self.active.index(name) + 1) % len(self.active)]
 
     def boundary(self, name):
+        import torch
+
+        if torch.cuda.is_available():  # the step's queued GPU work belongs to its own time, not the next trainer's
+            torch.cuda.synchronize()
         now = time.perf_counter()
         with self.cv:
             if name not in self.arrived:  # first boundary: set up; wait until every trainer is
@@ -183,7 +188,7 @@ def run_trl(kind: str, baton: Baton, steps: int, tokens: list) -> None:
                   gradient_accumulation_steps=1, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
                   lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
                   weight_decay=cfg.weight_decay, optim="adamw_torch", max_length=MAX_LEN, seed=cfg.seed,
-                  use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+                  use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, report_to="none", save_strategy="no",
                   logging_steps=10 ** 6, disable_tqdm=True, dataloader_num_workers=0)
 
     class Boundary(TrainerCallback):
@@ -331,7 +336,8 @@ def main() -> None:
     print()
     print(f"llm_distill {getattr(llm_distill, '__version__', '?')}, trl {trl.__version__}, transformers "
           f"{transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} CPUs ({platform.machine()})")
+          f"{os.cpu_count()} CPUs ({platform.machine()})"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
     print(f"teacher {SIZES['teacher']:,} params ({TEACHER.relative_to(ROOT)}), student {SIZES['student']:,} params "
           f"({SIZES['teacher'] / SIZES['student']:.1f}x smaller)")
     print(f"{N_PROMPTS} rows, batch 32, max length {MAX_LEN}; {WARMUP} warm-up + {a.steps} timed steps per trainer "
