@@ -225,9 +225,10 @@ def onpolicy_step(seed: int, step: int, fraction: float) -> bool:
 def onpolicy_vllm_kwargs(cfg: TrainConfig) -> dict:
     """VLLMBackend keyword arguments of the on-policy teacher (onpolicy_teacher_backend=vllm): top-k =
     onpolicy_logprobs, its share of the training GPU, the run's seed. It only scores (prompt logprobs), so the
-    sampling arguments keep their defaults."""
+    sampling arguments keep their defaults. Its context is capped at max_seq_len, the longest sequence it is
+    given, so that the KV cache for a long-context teacher fits in its share."""
     return {"k": cfg.onpolicy_logprobs, "gpu_memory_utilization": cfg.onpolicy_teacher_gpu_memory_utilization,
-            "seed": cfg.seed}
+            "seed": cfg.seed, "max_model_len": cfg.max_seq_len}
 
 
 @torch.no_grad()
