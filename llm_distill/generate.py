@@ -376,6 +376,50 @@ def run_settings(cfg, tokenizer, prompts_sha: str) -> dict:
     return settings
 
 
+class Progress:
+    """A progress bar over sequences showing the teacher's tokens/s; the backends' `progress(seqs, tokens)`."""
+
+    def __init__(self, desc: str, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="seq", initial=initial)
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def __call__(self, seqs: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(seqs)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+
+    def close(self) -> str:
+        """Closes the bar; returns what this process did, for the stage's last line."""
+        self.bar.close()
+        elapsed = time.perf_counter() - self.t0
+        return f"{self.tokens} tokens in {elapsed:.1f}s ({self.tokens / max(elapsed, 1e-9):.0f} tok/s)"
+
+
+def teacher_provenance(stage: str, cfg, backend, tokenizer, k: int, sampling: dict | None) -> dict:
+    """The provenance fields generate and score share: who made the rows, with what, stored how."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "llm_distill_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "stage": stage,
+        "teacher": cfg.model,
+        "teacher_revision": backend.revision,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": chat_template_hash(tokenizer),
+        "vocab_size": backend.vocab_size,
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "dtype": cfg.dtype,
+        "sampling": sampling,
+        "k": k,
+        "logprobs_mode": "raw",
+        "storage": {"topk_logprobs": TOPK_LOGPROB_DTYPE, "token_logprob": "float32", "tail_logprob": "float32",
+                    "ids": "int32"},
+    }
+
+
 def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, policy: str,
                 describe) -> tuple[list, list]:
     """Drop (policy skip) or refuse (policy error) items whose length + extra exceeds the context; returns
@@ -393,8 +437,6 @@ def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, po
 
 def main(cfg: GenerateConfig) -> str:
     """Run the teacher over the prompts and write the dataset; returns the output directory."""
-    from tqdm.auto import tqdm
-
     shard = parse_shard(cfg.shard)
     if finished(cfg.output_dir) and not cfg.overwrite:
         check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)  # refuses another run
@@ -428,16 +470,7 @@ def main(cfg: GenerateConfig) -> str:
     chunks = [kept[s:s + cfg.chunk_size] for s in range(0, len(kept), cfg.chunk_size)]
     done = run.done() & set(range(len(chunks)))
 
-    n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(kept) * cfg.num_samples, desc="generate", unit="seq",
-               initial=sum(len(chunks[i]) for i in done) * cfg.num_samples)
-
-    def progress(seqs: int, tokens: int) -> None:
-        nonlocal n_tokens
-        n_tokens += tokens
-        bar.update(seqs)
-        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-
+    progress = Progress("generate", len(kept) * cfg.num_samples, sum(len(chunks[i]) for i in done) * cfg.num_samples)
     if done:
         print(f"generate: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
     for index, chunk in enumerate(chunks):
@@ -451,27 +484,12 @@ def main(cfg: GenerateConfig) -> str:
                              "prompt_token_ids": encoded[p.id]})
                 comps.append(c)
         run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
-    bar.close()
+    did = progress.close()
 
     provenance = {
-        "schema_version": SCHEMA_VERSION,
-        "llm_distill_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "stage": "generate",
-        "teacher": cfg.model,
-        "teacher_revision": backend.revision,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "chat_template_hash": chat_template_hash(tokenizer),
-        "vocab_size": backend.vocab_size,
-        "backend": backend.name,
-        "backend_version": backend.version,
-        "dtype": cfg.dtype,
-        "sampling": {"n": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-        "k": k,
-        "logprobs_mode": "raw",
-        "storage": {"topk_logprobs": TOPK_LOGPROB_DTYPE, "token_logprob": "float32", "tail_logprob": "float32",
-                    "ids": "int32"},
+        **teacher_provenance("generate", cfg, backend, tokenizer, k, {
+            "n": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}),
         "prompts_sha256": prompts_sha,
         "shard": cfg.shard or None,
         "num_prompts": len(kept),
@@ -479,10 +497,9 @@ def main(cfg: GenerateConfig) -> str:
     }
     expected = [f"{p.id}#{s}" for p in kept for s in range(cfg.num_samples)]
     prov = run.finalize(len(chunks), expected, provenance, config_to_dict(cfg))
-    elapsed = time.perf_counter() - t0
     skip_note = (f"; skipped {len(skipped)} prompts longer than the context ({', '.join(p.id for p in skipped[:5])}"
                  f"{', ...' if len(skipped) > 5 else ''})" if skipped else "")
     print(f"generate: {prov['num_rows']} completions, {prov['completion_tokens']} tokens; this process generated "
-          f"{n_tokens} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tok/s){skip_note} "
+          f"{did}{skip_note} "
           f"-> {cfg.output_dir}")
     return cfg.output_dir

@@ -12,21 +12,18 @@ shardable writer (chunks.py), so `llm-distill merge` joins score shards too.
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
-import time
 from pathlib import Path
 
-from . import __version__
 from .chunks import ChunkedRun, finished, parse_shard, partial_dir, sha256_json, shard_of
 from .config import ScoreConfig, config_to_dict
-from .data import (SCHEMA_VERSION, _validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
+from .data import (_validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
                    read_provenance)
 from .errors import UserError
-from .generate import (TOPK_LOGPROB_DTYPE, TransformersBackend, dataset_features, filter_long, rows_table,
-                       run_settings)
-from .models import chat_template_hash, tokenizer_hash
+from .generate import (Progress, TransformersBackend, dataset_features, filter_long, rows_table, run_settings,
+                       teacher_provenance)
+from .models import tokenizer_hash
 
 
 def _records(path: str, limit: int | None):
@@ -88,8 +85,6 @@ def load_responses(path: str, limit: int | None) -> list[dict]:
 
 
 def main(cfg: ScoreConfig) -> str:
-    from tqdm.auto import tqdm
-
     shard = parse_shard(cfg.shard)
     if finished(cfg.output_dir) and not cfg.overwrite:
         check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
@@ -131,15 +126,7 @@ def main(cfg: ScoreConfig) -> str:
     run = ChunkedRun(cfg.output_dir, "score", settings, features, cfg.overwrite)
     chunks = [kept[s:s + cfg.chunk_size] for s in range(0, len(kept), cfg.chunk_size)]
     done = run.done() & set(range(len(chunks)))
-    n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(kept), desc="score", unit="seq", initial=sum(len(chunks[i]) for i in done))
-
-    def progress(seqs: int, tokens: int) -> None:
-        nonlocal n_tokens
-        n_tokens += tokens
-        bar.update(seqs)
-        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-
+    progress = Progress("score", len(kept), sum(len(chunks[i]) for i in done))
     if done:
         print(f"score: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
     for index, chunk in enumerate(chunks):
@@ -148,25 +135,9 @@ def main(cfg: ScoreConfig) -> str:
         outs = backend.score([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk],
                              [r["id"] for r in chunk], progress)
         run.write_chunk(index, rows_table(chunk, outs, tok, k, features))
-    bar.close()
+    did = progress.close()
     provenance = {
-        "schema_version": SCHEMA_VERSION,
-        "llm_distill_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "stage": "score",
-        "teacher": cfg.model,
-        "teacher_revision": backend.revision,
-        "tokenizer_hash": tokenizer_hash(tok),
-        "chat_template_hash": chat_template_hash(tok),
-        "vocab_size": backend.vocab_size,
-        "backend": backend.name,
-        "backend_version": backend.version,
-        "dtype": cfg.dtype,
-        "sampling": None,
-        "k": k,
-        "logprobs_mode": "raw",
-        "storage": {"topk_logprobs": TOPK_LOGPROB_DTYPE, "token_logprob": "float32", "tail_logprob": "float32",
-                    "ids": "int32"},
+        **teacher_provenance("score", cfg, backend, tok, k, None),
         "responses": cfg.responses,
         "responses_sha256": responses_sha,
         "shard": cfg.shard or None,
@@ -174,8 +145,7 @@ def main(cfg: ScoreConfig) -> str:
         "skipped_long_prompts": {"count": len(skipped), "ids": [r["id"] for r in skipped[:100]]},
     }
     prov = run.finalize(len(chunks), [r["id"] for r in kept], provenance, config_to_dict(cfg))
-    elapsed = time.perf_counter() - t0
     skip_note = f"; skipped {len(skipped)} rows longer than the context" if skipped else ""
-    print(f"score: {prov['num_rows']} responses, {prov['completion_tokens']} tokens; {n_tokens} scored by this "
-          f"process in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tok/s){skip_note} -> {cfg.output_dir}")
+    print(f"score: {prov['num_rows']} responses, {prov['completion_tokens']} tokens; this process scored "
+          f"{did}{skip_note} -> {cfg.output_dir}")
     return cfg.output_dir
