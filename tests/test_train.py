@@ -1,6 +1,10 @@
 """train through the real CLI: a loadable student, tokenizer checks, and micro-batch invariance."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -77,23 +81,31 @@ def test_bad_train_inputs(teacher_data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+
+def launch_two_processes(*train_args) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `llm-distill train` with the shipped DDP config, 2 processes, no bf16 (gloo on CPU),
+    on a free port so that tests running side by side do not meet on Accelerate's default one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
+                           "--main_process_port", str(port), "-m", "llm_distill", "train", *train_args],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) with 2 sequences per process equals one
     process with 4: same loss trajectory and final weights (the loss is normalised by global step tokens)."""
-    import os
-    import subprocess
-    import sys
 
     common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "learning_rate=1e-2",
               "lr_scheduler=constant", "log_every=1", f"eval_dataset={teacher_data}", "eval_every=2"]
     run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=4")
     # The shipped DDP launch config, with 2 processes and no bf16 (on CPU it runs over gloo).
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
-                           "-m", "llm_distill", "train", *common, f"output_dir={tmp_path / 'two'}",
-                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two_processes(*common, f"output_dir={tmp_path / 'two'}", "micro_batch_size=2")
     assert "2 process(es) (MULTI_CPU" in proc.stdout
     one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").open()]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").open()]
@@ -173,10 +185,6 @@ def test_lora_student_adapter_loads_and_exports(teacher_data, tiny_teacher, tmp_
 
 
 def _popen_train(args):
-    import os
-    import subprocess
-    import sys
-
     return subprocess.Popen([sys.executable, "-m", "llm_distill", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -223,6 +231,32 @@ def test_killed_run_resumes_to_the_same_weights(teacher_data, tmp_path):
     assert proc.returncode == 2 and "learning_rate: 0.01 there, 0.005 now" in proc.stderr
     assert "log_every" not in proc.stderr, "logging settings may change on resume"
 
+
+
+def test_killed_onpolicy_run_resumes_to_the_same_weights(teacher_data, tiny_teacher, tmp_path):
+    """On-policy steps (which steps, and every sampled token) are functions of (seed, step, row): a GKD run killed
+    after a checkpoint and rerun ends with the weights and losses of an uninterrupted run."""
+    import time
+
+    common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=12", "micro_batch_size=4", "learning_rate=1e-2",
+              "log_every=1", "save_every=4", "onpolicy_fraction=0.5", f"teacher={tiny_teacher}",
+              "onpolicy_max_new_tokens=6"]
+    run_cli("train", *common, f"output_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    proc = _popen_train([*common, f"output_dir={out}"])
+    while proc.poll() is None and not (out / "checkpoints" / "step-000008").is_dir():
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, f"the run finished before it could be killed: {proc.stderr.read()[-500:]}"
+    assert "resuming at step 8" in run_cli("train", *common, f"output_dir={out}").stdout
+    a, b = _weights(tmp_path / "straight"), _weights(out)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").open()]
+    resumed = [json.loads(l) for l in (out / "metrics.jsonl").open()]
+    assert 0 < sum(m["onpolicy_steps"] for m in straight) < 12, "this seed mixes on-policy and offline steps"
+    assert resumed == [{**m, "tokens_per_s": r["tokens_per_s"]} for m, r in zip(straight, resumed)]
 
 def test_tensorboard_bf16_gradient_checkpointing_and_length_grouping(teacher_data, tmp_path):
     """Trackers write TensorBoard scalars; gradient checkpointing gives the same run; bf16 autocast trains to a
@@ -287,9 +321,6 @@ def test_onpolicy_gkd_under_ddp_matches_single_process(teacher_data, tiny_teache
     """GKD on the student's own samples (λ = 0.5, JSD): one process with 2 x 2 micro-batches (the step's samples
     drawn once, then split) equals two DDP processes with 2 each (each samples its own rows; both make the same
     λ choice per step); on-policy steps are logged apart from offline ones."""
-    import os
-    import subprocess
-    import sys
 
     from llm_distill.train import onpolicy_step
 
@@ -300,12 +331,7 @@ def test_onpolicy_gkd_under_ddp_matches_single_process(teacher_data, tiny_teache
     assert 0 < len(chosen) < 4, "this seed mixes on-policy and offline steps"
     proc = run_cli("train", *common, f"output_dir={tmp_path / 'one'}", "micro_batch_size=2", "grad_accum_steps=2")
     assert "on-policy (gkd)" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
-                           "-m", "llm_distill", "train", *common, f"output_dir={tmp_path / 'two'}",
-                           "micro_batch_size=2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two_processes(*common, f"output_dir={tmp_path / 'two'}", "micro_batch_size=2")
     one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").open()]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").open()]
     assert sum(m["onpolicy_steps"] for m in one) == len(chosen)
