@@ -24,7 +24,9 @@ $(VENV)/.vllm-contract: $(VENV)/.installed requirements-vllm-contract.txt
 	if $(VENV)/bin/pip install -q --no-deps -r requirements-vllm-contract.txt; then touch $@; \
 	else echo "make: vllm contract packages not installed; tests/test_vllm.py will be skipped"; fi
 
+# Tests run in up to 4 worker processes (pytest-xdist): most of their time is spent in the subprocesses they
+# launch (CLI runs, kills and resumes, 2-process DDP), each on its own temp dirs and a free port.
 test: install $(VENV)/.vllm-contract
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 tests
 
 .PHONY: install quickstart test
