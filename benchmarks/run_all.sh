@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark in BENCHMARKS.md, one after another, each one's table saved to a results file:
-#     benchmarks/run_all.sh           # about 75 minutes on a 2-core CPU (no GPU needed), ~15 GB RAM at the peak
-#     benchmarks/run_all.sh --quick   # shorter runs of each (fewer steps, prompts, seeds): a smoke run, noisier
+#     benchmarks/run_all.sh           # about 2.5 hours on a 2-core CPU (no GPU needed), ~15 GB RAM at the peak
+#     benchmarks/run_all.sh --quick   # shorter runs of each (fewer steps, prompts, seeds): a smoke run, ~15 min
 # Results: runs/bench/results/<commit>/<name>.txt (stdout: the table) and <name>.log (stderr: progress, warnings);
 # the commit measured is printed first and last (with "+local changes" when tracked files differ from it).
 # Needs the project's .venv (`make install`). vs_trl.py needs TRL, which is never a project dependency: it runs
