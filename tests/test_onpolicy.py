@@ -223,7 +223,7 @@ def _vllm():
 
 
 @pytest.mark.parametrize("overrides", [[], ["onpolicy_logprobs=32", "onpolicy_teacher_gpu_memory_utilization=0.25",
-                                            "seed=7"]])
+                                            "seed=7", "max_seq_len=96"]])
 def test_vllm_teacher_engine_and_scoring_pass_vllm_validation(tiny_teacher, overrides):
     """What train builds for onpolicy_teacher_backend=vllm (VLLMBackend's arguments -> its engine kwargs, and the
     SamplingParams its `score` sends) is accepted by vLLM 0.33's own classes: EngineArgs fields, CacheConfig's
@@ -248,6 +248,7 @@ def test_vllm_teacher_engine_and_scoring_pass_vllm_validation(tiny_teacher, over
     assert args.model == str(tiny_teacher) and args.tensor_parallel_size == 1
     assert args.max_logprobs >= cfg.onpolicy_logprobs and args.logprobs_mode == "raw_logprobs"
     assert (args.gpu_memory_utilization, args.seed) == (cfg.onpolicy_teacher_gpu_memory_utilization, cfg.seed)
+    assert args.max_model_len == cfg.max_seq_len  # None: the teacher's own context
     assert CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization).gpu_memory_utilization == \
         cfg.onpolicy_teacher_gpu_memory_utilization
     for share, ok in ((0.0, False), (1.0, True), (1.5, False)):  # our bounds are vLLM's
