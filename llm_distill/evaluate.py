@@ -79,7 +79,8 @@ def answer_all(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: in
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` -> vllm when it imports and a CUDA device is visible, else transformers."""
+    """`auto` -> vllm when it imports and a CUDA device is visible, else transformers (on CPU, vLLM's engine is
+    chosen only by name: `backend: vllm`)."""
     if name != "auto":
         return name
     import importlib.util
@@ -90,26 +91,24 @@ def resolve_backend(name: str) -> str:
 def answer_all_vllm(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]], k: int, seeds: list[int]):
     """Per seed: (completions, tokens, seconds) from one vLLM engine; then batch-1 latency; the engine is shut
     down before returning so that the transformers copy (for KL and NLL) has the GPU."""
-    import gc
-
     from .vllm_backend import VLLMBackend
 
     engine = VLLMBackend(path, k=k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
-    runs = []
-    for seed in seeds:
-        engine.seed = seed  # each request is seeded from (seed, prompt, sample)
-        t0 = time.perf_counter()
-        outs = [c[0] for c in engine.generate(prompt_ids, progress=lambda *_: None)]
-        runs.append((outs, sum(len(c.token_ids) for c in outs), time.perf_counter() - t0))
-    times = []
-    for p in prompt_ids[:cfg.latency_prompts]:
-        t0 = time.perf_counter()
-        engine.generate([p], progress=lambda *_: None)
-        times.append(time.perf_counter() - t0)
-    del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    try:
+        runs = []
+        for seed in seeds:
+            engine.seed = seed  # each request is seeded from (seed, prompt, sample)
+            t0 = time.perf_counter()
+            outs = [c[0] for c in engine.generate(prompt_ids, progress=lambda *_: None)]
+            runs.append((outs, sum(len(c.token_ids) for c in outs), time.perf_counter() - t0))
+        times = []
+        for p in prompt_ids[:cfg.latency_prompts]:
+            t0 = time.perf_counter()
+            engine.generate([p], progress=lambda *_: None)
+            times.append(time.perf_counter() - t0)
+    finally:
+        engine.close()  # before the transformers copy (for KL and NLL) loads: the GPU is its
     return runs, (statistics.median(times) if times else None)
 
 

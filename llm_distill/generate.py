@@ -24,11 +24,9 @@ a near-tie or a uniform falls within that rounding of a CDF boundary.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import inspect
 import shutil
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +37,7 @@ from .chunks import (RESUMABLE_CHANGES, ChunkedRun, crash_point, finished, parse
 from .config import GenerateConfig, config_to_dict
 from .data import SCHEMA_VERSION, check_output_dir, encode_prompt, load_prompts
 from .errors import UserError
+from .teacher import Completion, check_logprobs, sample_seed  # noqa: F401 (re-exported)
 from .models import (chat_template_hash, context_length, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
 
@@ -66,42 +65,6 @@ def dataset_features(k: int | None = None):
         "tail_logprob": List(Value("float32")),
         "finish_reason": Value("string"),
     })
-
-
-@dataclass
-class Completion:
-    token_ids: list          # emitted ids, EOS included when the model stopped
-    topk_ids: torch.Tensor   # (C, k) int
-    topk_logprobs: torch.Tensor  # (C, k) float32, raw log-softmax at T=1, sorted descending
-    token_logprob: torch.Tensor  # (C,) raw logprob of the emitted token
-    tail_logprob: torch.Tensor   # (C,) log of the probability mass outside the top-k
-    finish_reason: str       # "stop" | "length" | "given" (scored, not generated)
-
-
-def check_logprobs(c: Completion, where: str) -> None:
-    """Refuse values no correct teacher produces, naming the row: NaN anywhere, or an emitted token at -inf.
-
-    -inf inside the top-k (a token the teacher gives zero probability, e.g. masked logits) is valid and kept:
-    the losses treat it as an empty bucket.
-    """
-    # -inf is allowed in the top-k, and in the tail (an empty tail when k = V); never for the emitted token.
-    for name, t, neg_inf_ok in (("top-k", c.topk_logprobs, True), ("token", c.token_logprob, False),
-                                ("tail", c.tail_logprob, True)):
-        bad = torch.isnan(t) | torch.isposinf(t)
-        if not neg_inf_ok:
-            bad |= torch.isneginf(t)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            value = float(t.reshape(-1)[bad.reshape(-1)][0])
-            raise UserError(f"{where}: the teacher returned a {value} {name} logprob "
-                            f"at completion position {pos}; its logits are broken (float16 overflow? try "
-                            "dtype=float32 or bfloat16)")
-
-
-def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
-    """Seed of sample `sample` of prompt `prompt_id`: independent of batching, order, resume and shard."""
-    h = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -277,6 +240,9 @@ class TransformersBackend:
     def context_length(self) -> int | None:
         return context_length(self.model)
 
+    def close(self) -> None:
+        self.model = None  # frees the weights (the GPU memory with them) when nothing else holds the model
+
     def generate(self, prompt_ids: list[list[int]], prompt_keys: list[str] | None = None,
                  progress=None) -> list[list[Completion]]:
         """`n` completions per prompt. `prompt_keys` (the prompt ids) seed the sampling, so a prompt's samples do
@@ -318,6 +284,38 @@ class TransformersBackend:
             if progress:
                 progress(len(idx), sum(len(c.token_ids) for c in outs))
         return results
+
+
+# The engine fields a config may carry (GenerateConfig, ScoreConfig) and the backend arguments they feed.
+ENGINE_FIELDS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens",
+                 "enforce_eager")
+SERVER_FIELDS = {"server_urls": "urls", "server_model": "served_model", "server_concurrency": "concurrency",
+                 "server_timeout": "timeout", "server_retries": "retries"}
+
+
+def build_backend(cfg, **overrides):
+    """The teacher backend (teacher.TeacherBackend) a stage config asks for: `cfg.backend` is `transformers`,
+    `vllm` or `server`; `cfg.model` the teacher (for `server`: the local tokenizer of the served model). Fields a
+    config lacks (score has no sampling fields) take the backends' defaults; `overrides` replace config fields.
+    The one place a backend is built from a config, so every stage gets the same one for the same fields."""
+    def get(name, default=None):
+        return overrides[name] if name in overrides else getattr(cfg, name, default)
+
+    backend, model = get("backend", "transformers"), get("model")
+    common = dict(k=get("logprobs", 20), num_samples=get("num_samples", 1), temperature=get("temperature", 1.0),
+                  top_p=get("top_p", 1.0), max_new_tokens=get("max_new_tokens", 256), seed=get("seed", 0))
+    if backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        engine = {name: get(name) for name in ENGINE_FIELDS if name in overrides or hasattr(cfg, name)}
+        return VLLMBackend(model, dtype=get("dtype", "auto"), **common, **engine)
+    if backend == "server":
+        from .server_backend import ServerBackend
+
+        server = {arg: get(name) for name, arg in SERVER_FIELDS.items() if name in overrides or hasattr(cfg, name)}
+        return ServerBackend(model, **common, **server)
+    return TransformersBackend(model, device=get("device", "auto"), dtype=get("dtype", "auto"),
+                               batch_size=get("batch_size", 16), **common)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,6 +409,8 @@ def teacher_provenance(stage: str, cfg, backend, tokenizer, k: int, sampling: di
         "vocab_size": backend.vocab_size,
         "backend": backend.name,
         "backend_version": backend.version,
+        # What the backend ran (the servers' models and vLLM versions; the dtype `auto` resolved to).
+        "backend_details": getattr(backend, "details", None),
         "dtype": cfg.dtype,
         "sampling": sampling,
         "k": k,
@@ -447,14 +447,14 @@ def main(cfg: GenerateConfig) -> str:
     check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
-    if cfg.backend == "vllm":
-        from .vllm_backend import backend_from_config
+    backend = build_backend(cfg)
+    try:
+        return _generate(cfg, backend, prompts, prompts_sha, shard)
+    finally:
+        backend.close()  # engines and their processes end here, on errors too (not at interpreter exit)
 
-        backend = backend_from_config(cfg)
-    else:
-        backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
-                                      num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+
+def _generate(cfg: GenerateConfig, backend, prompts: list, prompts_sha: str, shard) -> str:
     tokenizer = backend.tokenizer
     k = min(cfg.logprobs, backend.vocab_size)
     ctx = backend.context_length()

