@@ -34,6 +34,7 @@ from .generate import _accepts, _cache_kwarg, _left_pad, _sample_inverse_cdf, de
 from .losses import (buckets, divergence, fused_head_loss, kd_per_token, minillm_surrogate, restrict_topk,
                      student_buckets, student_logprobs, token_losses)
 from .models import context_length, count_parameters, eos_ids, load_tokenizer, tokenizer_hash
+from .packing import use_packed_sdpa
 
 
 class TeacherRows(torch.utils.data.Dataset):
@@ -544,6 +545,8 @@ def main(cfg: TrainConfig) -> str:
     resplit = check_alignment(ds, tokenizer, tok_path) if cfg.kd_weight > 0 else 0
 
     model = build_student(cfg, tokenizer)
+    if cfg.packing:
+        use_packed_sdpa(model)  # sdpa without a (tokens x tokens) block mask; checked below with the others
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

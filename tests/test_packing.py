@@ -44,9 +44,12 @@ def test_collate_packs_rows_into_one_sequence():
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked", "dense"])
-def test_packed_batch_gives_the_padded_losses_and_gradients(tiny_teacher, impl):
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+def test_packed_batch_gives_the_padded_losses_and_gradients(tiny_teacher, impl, attention):
     """Each row's logits depend on that row only, so packed and padded batches have the same losses and
-    gradients (float32 tolerance), for every loss implementation."""
+    gradients (float32 tolerance), for every loss implementation; with train's packed sdpa (no block mask) and
+    with transformers' sdpa (its block-diagonal mask from the restarting position ids)."""
+    from llm_distill.packing import PACKED_SDPA, use_packed_sdpa
     from llm_distill.train import StudentLoss, collate
 
     model = _model(tiny_teacher)
@@ -54,7 +57,10 @@ def test_packed_batch_gives_the_padded_losses_and_gradients(tiny_teacher, impl):
     rows = _rows(vocab)
     results = []
     for packing in (False, True):
-        loss = StudentLoss(copy.deepcopy(model), vocab, 4, 1.0, 0.5, loss_impl=impl,
+        student = copy.deepcopy(model)
+        if packing and attention == "packed_sdpa":
+            assert use_packed_sdpa(student) and student.config._attn_implementation == PACKED_SDPA
+        loss = StudentLoss(student, vocab, 4, 1.0, 0.5, loss_impl=impl,
                            divergences={"jsd": 1.0, "forward_kl": 0.5}, temperature=1.5)
         kd, ce = loss(**collate(rows, pad_id=0, packing=packing))
         (kd + 0.5 * ce).backward()
