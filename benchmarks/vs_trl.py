@@ -57,8 +57,8 @@ DIFFERENCES = [
     "ours reads the teacher's stored top-20 + tail (generated once, offline); GKD runs the teacher's forward "
     "on every batch and compares the full (86-token) distributions",
     "ours: forward KL + CE (the recipe); GKD: forward KL only (beta=0); SFT: CE only",
-    "ours projects only completion positions onto the vocabulary (fused head + loss); GKD computes full student and teacher "
-    "logits at every position; SFT uses TRL's fused chunked LM head (and logs entropy and token accuracy)",
+    "ours projects only completion positions onto the vocabulary (fused head + loss); GKD computes full student "
+    "and teacher logits at every position; SFT uses TRL's fused chunked LM head (and logs entropy and token accuracy)",
     "ours pads right; GKD's ChatML collator pads left; SFT pads right. Data order differs (each trainer's own "
     "seeded shuffle), hence tokens/s, not steps/s, is compared",
     "at these sizes (vocabulary 86, students of 137 k / 535 k params) fixed per-step work (Python, optimiser, "
