@@ -1,9 +1,12 @@
-# A KD train step (forward KL on top-20 + tail, plus CE) vs a CE-only step on the same tiny student and batches:
-#     python benchmarks/kd_step.py            (CPU, about 1 minute; generates the tiny teacher data if needed)
+# A KD train step (forward KL on top-20 + tail, plus CE) vs a CE-only step on the same tiny student and batches,
+# each with padded and with packed micro-batches (`packing: true`):
+#     python benchmarks/kd_step.py            (CPU, about 2 minutes; generates the tiny teacher data if needed)
 # On a machine with CUDA the same command times the steps on the GPU (fp32, synchronised before each stop).
-# The timed step includes collating the batch (the top-k tensors are the KD step's extra data).
-# Steps interleave (CE, KD, KD, CE, ...) so that machine noise hits both alike; the ratio of medians is what
-# to read.
+# The timed step includes collating the batch (the top-k tensors are the KD step's extra data). The loss is
+# train's default (loss_impl auto: the fused loss for this student). Batches are random rows of the bundled
+# task's teacher data (no grouping by length); the padded and packed runs see the same rows.
+# Steps interleave (the four runs in turn, the order alternating) so that machine noise hits all alike; the
+# ratios of medians are what to read. tokens/s = non-padding tokens of the step / its median time.
 import statistics
 import sys
 import time
@@ -14,7 +17,8 @@ import torch
 from llm_distill import generate
 from llm_distill.config import GenerateConfig, TrainConfig, load_config
 from llm_distill.models import load_tokenizer
-from llm_distill.train import StudentLoss, TeacherRows, build_student, collate
+from llm_distill.packing import use_packed_sdpa
+from llm_distill.train import StudentLoss, TeacherRows, build_student, collate, fused_head_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,20 +49,26 @@ def main(steps_per_block: int = 20, blocks: int = 6) -> None:
     examples = [[rows[int(i)] for i in torch.randint(0, len(rows), (cfg.micro_batch_size,), generator=g)]
                 for _ in range(steps_per_block)]
     runners = {}
-    for name, kd_w in (("ce_only", 0.0), ("kd+ce", 1.0)):
+    impl = "chunked" if fused_head_problem(build_student(cfg, tok), "NO") else "fused"  # what loss_impl=auto picks
+    for name, kd_w, packing in (("ce_only", 0.0, False), ("kd+ce", 1.0, False), ("ce_only packed", 0.0, True),
+                                ("kd+ce packed", 1.0, True)):
         model = build_student(cfg, tok).to(DEVICE)
-        runners[name] = (StudentLoss(model, len(tok), cfg.loss_chunk_size, kd_w, 1.0),
-                         torch.optim.AdamW(model.parameters(), lr=1e-3))
+        if packing:
+            use_packed_sdpa(model)  # as train does with packing: true
+        runners[name] = (StudentLoss(model, len(tok), cfg.loss_chunk_size, kd_w, 1.0, loss_impl=impl),
+                         torch.optim.AdamW(model.parameters(), lr=1e-3), packing)
     times = {name: [] for name in runners}
+    real, positions = {name: 0 for name in runners}, {name: 0 for name in runners}
     names = list(runners)
     for block in range(blocks + 1):  # block 0 warms up
         for j, ex in enumerate(examples):
-            for name in (names if j % 2 else names[::-1]):  # interleaved, order alternating: noise hits both
-                loss_fn, opt = runners[name]
+            for name in (names if j % 2 else names[::-1]):  # interleaved, order alternating: noise hits all
+                loss_fn, opt, packing = runners[name]
                 sync()
                 t0 = time.perf_counter()
-                b = collate(ex if name == "kd+ce" else [{"prompt": e["prompt"], "completion": e["completion"]} for e in ex],
-                            tok.pad_token_id)  # the CE-only loader carries no top-k
+                b = collate(ex if name.startswith("kd") else
+                            [{"prompt": e["prompt"], "completion": e["completion"]} for e in ex],
+                            tok.pad_token_id, packing)  # the CE-only loader carries no top-k
                 b = {k: v.to(DEVICE, non_blocking=True) for k, v in b.items()}
                 kd, ce = loss_fn(**b)
                 tokens = int((b["labels"] != -100).sum())
@@ -68,14 +78,24 @@ def main(steps_per_block: int = 20, blocks: int = 6) -> None:
                 sync()
                 if block:
                     times[name].append(time.perf_counter() - t0)
-    ce, kd = statistics.median(times["ce_only"]), statistics.median(times["kd+ce"])
+                    n_real = int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                    real[name] += n_real
+                    positions[name] += b["input_ids"].numel()
+    med = {name: statistics.median(t) for name, t in times.items()}
+    steps = blocks * steps_per_block
     print(f"tiny student ({sum(p.numel() for p in runners['ce_only'][0].parameters()):,} params), "
-          f"micro-batch {cfg.micro_batch_size}, k=20, {blocks * steps_per_block} steps each, torch threads "
+          f"micro-batch {cfg.micro_batch_size}, k=20, {steps} steps each, {impl} loss, torch threads "
           f"{torch.get_num_threads()}, {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}")
-    print("| step (collate + forward + backward + AdamW) | median ms | vs CE-only |")
-    print("|---|---:|---:|")
-    print(f"| CE only | {ce * 1e3:.2f} | 1.00x |")
-    print(f"| KD (forward KL, top-20 + tail) + CE | {kd * 1e3:.2f} | {kd / ce:.2f}x |")
+    print("| step (collate + forward + backward + AdamW) | padding | median ms | tokens/s | vs CE-only (same batching) "
+          "| packed vs padded (tokens/s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, label in (("ce_only", "CE only"), ("kd+ce", "KD (forward KL, top-20 + tail) + CE")):
+        for suffix in ("", " packed"):
+            n = name + suffix
+            rate = real[n] / steps / med[n]
+            gain = (med[name] / med[n]) if suffix else 1.0  # same rows, same real tokens: the time ratio
+            print(f"| {label}{', packed' if suffix else ', padded'} | {1 - real[n] / positions[n]:.1%} | "
+                  f"{med[n] * 1e3:.2f} | {rate:,.0f} | {med[n] / med['ce_only' + suffix]:.2f}x | {gain:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-# Train-step throughput and padding with TrainConfig.group_by_length on vs off, on a teacher dataset of mixed
-# lengths:
+# Train-step throughput and padding with TrainConfig.group_by_length on vs off, and with packing (rows of each
+# random micro-batch concatenated, `packing: true`, no grouping), on a teacher dataset of mixed lengths:
 #     python benchmarks/length_grouping.py           (CPU, about 5 minutes, plus a one-off 1-minute teacher pass)
 #     python benchmarks/length_grouping.py --quick   (about 2 minutes, noisier)
 #
@@ -7,9 +7,10 @@
 # question/answer turns (answers are the references) before the final question, so prompts run from ~35 to ~110
 # tokens; the bundled teacher answers them with `llm-distill generate` (recipes/tiny/generate.yaml, top-20).
 # Training: `llm_distill.train.main` with recipes/tiny/train_kd.yaml (137 k student, KD + CE, micro-batch 32),
-# max_seq_len 128, group_by_length true vs false, everything else equal. The two runs go in threads of one
-# process, set up one after another, then their steps interleave one by one (on, off, on, ...: one runs at a
-# time), so that load from other jobs on a shared machine hits both alike. A step's time is one full iteration
+# max_seq_len 128: group_by_length true, false, and false with packing, everything else equal (the padded and
+# packed runs see the same rows in the same order). The runs go in threads of one process, set up one after
+# another, then their steps interleave one by one (one runs at a time), so that load from other jobs on a shared
+# machine hits all alike. A step's time is one full iteration
 # of train's loop; the first 10 steps are dropped. Padding fraction = padded positions / all positions of the
 # timed batches (train logs the same figure per window in metrics.jsonl as `padding_fraction`; the script checks
 # they agree); tokens/s = non-padding tokens / step time, what train logs as `tokens_per_s` (the logged value
@@ -69,16 +70,17 @@ def teacher_data() -> Path:
     return out
 
 
-def config(group: bool, max_steps: int):
+def config(name: str, max_steps: int):
     from llm_distill.config import TrainConfig, load_config
 
+    group, packing = SETUPS[name]
     return load_config(TrainConfig, str(ROOT / "recipes/tiny/train_kd.yaml"), values_={
-        "dataset": str(OUT / "teacher_data"), "output_dir": str(OUT / NAMES[group]), "max_steps": max_steps,
-        "log_every": WARMUP, "group_by_length": group, "max_seq_len": MAX_LEN, "report_to": "none",
-        "overwrite": True})
+        "dataset": str(OUT / "teacher_data"), "output_dir": str(OUT / name), "max_steps": max_steps,
+        "log_every": WARMUP, "group_by_length": group, "packing": packing, "max_seq_len": MAX_LEN,
+        "report_to": "none", "overwrite": True})
 
 
-NAMES = {True: "grouped", False: "ungrouped"}
+SETUPS = {"grouped": (True, False), "ungrouped": (False, False), "packed": (False, True)}  # group_by_length, packing
 
 
 def measure(steps: int) -> dict:
@@ -90,34 +92,35 @@ def measure(steps: int) -> dict:
     from llm_distill import train
     from vs_trl import Baton
 
-    names = [NAMES[True], NAMES[False]]
+    names = list(SETUPS)
     baton = Baton(names, WARMUP + steps)
     counts = {n: [] for n in names}
     orig = train.collate
 
-    def collate_at_boundary(examples, pad_id):
+    def collate_at_boundary(examples, pad_id, packing=False):
         name = threading.current_thread().name
         baton.boundary(name)
-        batch = orig(examples, pad_id)
-        m = batch["attention_mask"]
-        counts[name].append((int(m.sum()), m.numel(), int((batch["labels"] != -100).sum())))
+        batch = orig(examples, pad_id, packing)
+        n = batch["input_ids"].numel()  # a packed batch has no attention_mask: every position is a token
+        seen = int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
+        counts[name].append((seen, n, int((batch["labels"] != -100).sum())))
         return batch
 
     train.collate = collate_at_boundary  # a module global, looked up per call by train.main's loop
     threads = []
     try:
-        for group in (True, False):  # set up one after another
-            def target(group=group):
+        for name in names:  # set up one after another
+            def target(name=name):
                 try:
-                    train.main(config(group, WARMUP + steps + 1))  # the extra last step runs after all timing
+                    train.main(config(name, WARMUP + steps + 1))  # the extra last step runs after all timing
                 except BaseException as e:  # noqa: BLE001
                     baton.fail(e)
                     raise
-            t = threading.Thread(target=target, name=NAMES[group])
+            t = threading.Thread(target=target, name=name)
             t.start()
             threads.append(t)
             with baton.cv:
-                baton.cv.wait_for(lambda: NAMES[group] in baton.arrived or baton.error is not None)
+                baton.cv.wait_for(lambda: name in baton.arrived or baton.error is not None)
         for t in threads:
             t.join()
     finally:
@@ -180,22 +183,24 @@ def main() -> None:
     def med_rate(n):
         return statistics.median(s / t for r in rounds for s, t in zip(r[n]["seen"], r[n]["seconds"]))
 
-    on, off = NAMES[True], NAMES[False]
+    on, off = "grouped", "ungrouped"
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; {len(ds)} rows, lengths (prompt + "
           f"completion) {min(lengths)}-{max(lengths)} tokens, mean {statistics.mean(lengths):.1f}; micro-batch 32; "
           f"{WARMUP} warm-up + {a.steps} timed steps per setting and round, {a.rounds} round(s), steps interleaved")
     print()
-    print("| group_by_length | padding fraction | tokens/s (non-padding) | completion tokens/s | ms/step (median) | "
-          "tokens/s vs off |")
+    print("| batching | padding fraction | tokens/s (non-padding) | completion tokens/s | ms/step (median) | "
+          "tokens/s vs random padded |")
     print("|---|---:|---:|---:|---:|---:|")
-    for n, label in ((off, "off"), (on, "on")):
+    for n, label in ((off, "random rows, padded (group_by_length off)"), (on, "group_by_length on"),
+                     ("packed", "random rows, packed (packing on)")):
         ms = statistics.median(t for r in rounds for t in r[n]["seconds"]) * 1e3
-        rat = "1.00x" if n == off else f"**{rate(on, 'seen') / rate(off, 'seen'):.2f}x**"
+        rat = "1.00x" if n == off else f"**{rate(n, 'seen') / rate(off, 'seen'):.2f}x**"
         print(f"| {label} | {1 - tot(n, 'seen') / tot(n, 'positions'):.1%} | {rate(n, 'seen'):,.0f} | "
               f"{rate(n, 'completion'):,.0f} | {ms:.1f} | {rat} |")
     print()
-    print(f"(median per-step rates: on / off = {med_rate(on) / med_rate(off):.2f}x; padding_fraction logged in "
+    print(f"(median per-step rates: grouped / padded = {med_rate(on) / med_rate(off):.2f}x, packed / padded = "
+          f"{med_rate('packed') / med_rate(off):.2f}x; padding_fraction logged in "
           f"metrics.jsonl, mean over the timed windows: off {statistics.mean(x for r in rounds for x in r[off]['logged_padding_fraction']):.1%}, "
           f"on {statistics.mean(x for r in rounds for x in r[on]['logged_padding_fraction']):.1%})")
     (OUT / "results.json").write_text(json.dumps({"args": vars(a), "rounds": rounds}))

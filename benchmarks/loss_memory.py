@@ -1,6 +1,8 @@
-# Peak memory and time of the chunked KD + CE loss vs a dense implementation (full logits + log_softmax),
-# forward and backward, at Qwen2.5's vocabulary (151,936) and 4,096 completion tokens:
-#     python benchmarks/loss_memory.py            (CPU: about 3 minutes, ~12 GB RAM for the dense run)
+# Peak memory and time of the fused and chunked KD + CE losses vs a dense implementation (full logits +
+# log_softmax), forward and backward, at Qwen2.5's vocabulary (151,936) and 4,096 completion tokens:
+#     python benchmarks/loss_memory.py            (CPU: about 5 minutes, ~15 GB RAM for the dense run)
+# "fused" is `losses.fused_head_loss` (gradients computed in the forward pass, loss_impl=fused), "chunked" is
+# `losses.student_logprobs` (each chunk recomputed in backward, loss_impl=chunked).
 # Each variant runs in a fresh process; "peak" is the process's peak RSS above what it held once the inputs
 # and the parameter gradient buffer were allocated, i.e. the memory the loss itself needs.
 # On a machine with CUDA the same command runs on the GPU; "peak" is then torch.cuda.max_memory_allocated above
@@ -14,7 +16,7 @@ import time
 
 import torch
 
-from llm_distill.losses import kd_per_token, student_buckets, student_logprobs
+from llm_distill.losses import fused_head_loss, kd_per_token, student_buckets, student_logprobs
 
 V, N, D, K = 151_936, 4_096, 896, 20
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +46,12 @@ def run(variant: str, chunk: int) -> dict:
     W.grad, h.grad = torch.zeros_like(W), torch.zeros_like(h)  # parameter gradients exist in any training step
 
     def step() -> torch.Tensor:
+        if variant == "fused":
+            kd, ce = fused_head_loss(h, W, labels, ids, t_top, t_tail, vocab=V, kd_weight=1.0, ce_weight=1.0,
+                                     chunk_size=chunk)
+            loss = (kd + ce) / N
+            loss.backward()
+            return loss
         if variant == "dense":
             z = h @ W.T  # (N, V) fp32
             logp = torch.log_softmax(z, -1)
@@ -86,7 +94,8 @@ def main() -> None:
         print(json.dumps(run(a.variant, a.chunk)))
         return
     results = []
-    for variant, chunk in [("dense", 0)] + [("chunked", int(c)) for c in a.chunks.split(",")]:
+    chunks = [int(c) for c in a.chunks.split(",")]
+    for variant, chunk in [("dense", 0)] + [(v, c) for c in chunks for v in ("chunked", "fused")]:
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--chunk", str(chunk)],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -97,7 +106,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gd = max(abs(r["grad_h"] - dense["grad_h"]) / dense["grad_h"], abs(r["grad_W"] - dense["grad_W"]) / dense["grad_W"])
-        name = "dense (full logits + log_softmax)" if r["variant"] == "dense" else f"chunked, {r['chunk']} positions"
+        name = "dense (full logits + log_softmax)" if r["variant"] == "dense" else \
+            f"{r['variant']}, {r['chunk']} positions"
         print(f"| {name} | {r['peak_mb']:,.0f} | {r['peak_mb'] / dense['peak_mb']:.3f}x | {r['seconds']:.3g} | "
               f"{r['seconds'] / dense['seconds']:.2f}x | {r['loss']:.6f} | {gd:.1e} |")
 

@@ -171,10 +171,25 @@ class TrainConfig:
     """Use only the first k of the stored top-k ids (the rest joins the tail bucket exactly); default: all."""
     renormalized_topk: bool = False
     """Drop the tail and renormalise the top-k on both sides (biased; only for comparison with other tools)."""
+    loss_impl: str = "auto"
+    """How the student's vocabulary projection and token losses are computed. `fused`: per chunk of completion
+    positions the logits, the bucket divergences, CE and their gradients in one pass, the hidden states' and the
+    head's gradients accumulated right there (nothing recomputed in backward, no (tokens, V) tensor beyond one
+    chunk); it needs a plain linear head (not LoRA-wrapped) and refuses FSDP / DeepSpeed, whose sharded head weight
+    it cannot read. `chunked`: `loss_chunk_size` positions at a time through the head module, each chunk
+    recomputed in backward (works under FSDP / ZeRO-3 and with LoRA on the head). `dense`: the model's full
+    logits (the reference; most memory). `auto`: fused where it applies, else chunked."""
     loss_chunk_size: int = 1024
-    """Completion positions per vocabulary-projection chunk; 0 computes full logits (more memory). At V = 151,936
-    and 4,096 positions (benchmarks/loss_memory.py) 1024 holds 0.25x the dense loss's memory for 1.32x its time on
-    an H100 (1.13x on CPU); 256 holds 0.11x but takes 1.98x on the H100 (1.19x on CPU)."""
+    """Completion positions per vocabulary-projection chunk of the fused and chunked losses; 0 computes full
+    logits (as loss_impl=dense). At V = 151,936 and 4,096 positions (benchmarks/loss_memory.py) the chunked loss
+    with 1024 holds 0.25x the dense loss's memory for 1.32x its time on an H100 (1.13x on CPU); 256 holds 0.11x
+    but takes 1.98x on the H100 (1.19x on CPU)."""
+    packing: bool = False
+    """Padding-free packing: the rows of each micro-batch are concatenated into one sequence, with position ids
+    restarting per row and attention that never crosses rows (checked at start-up on the student), so no
+    position is padding. Rows stay randomly batched (unlike group_by_length); losses and their normalisation are
+    those of the padded batch. On-policy GKD batches pack too; MiniLLM batches stay padded (their reward-to-go
+    runs along each row)."""
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -290,6 +305,10 @@ class TrainConfig:
         _check(self.kd_temperature > 0, "train: kd_temperature must be > 0")
         _check(self.kd_topk is None or self.kd_topk >= 1, "train: kd_topk must be >= 1")
         _check(self.loss_chunk_size >= 0, "train: loss_chunk_size must be >= 0 (0 = dense logits)")
+        _check(self.loss_impl in ("auto", "fused", "chunked", "dense"),
+               f"train: loss_impl '{self.loss_impl}' is not one of auto, fused, chunked, dense")
+        _check(self.loss_chunk_size > 0 or self.loss_impl in ("auto", "dense"),
+               f"train: loss_impl={self.loss_impl} needs loss_chunk_size >= 1 (0 means dense logits)")
         _check(self.learning_rate > 0, "train: learning_rate must be > 0")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"),
                f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")

@@ -231,3 +231,161 @@ def minillm_surrogate(student_lp: torch.Tensor, teacher_lp: torch.Tensor, sample
     if single_step_kl is not None:
         out = out + w * single_step_kl.float()
     return out * m
+
+
+def _fused_chunk(h, weight, labels, topk_ids, t_topk, t_tail, vocab: int, softcap: float | None,
+                 kd_weight: float, ce_weight: float, kd_options: dict, want_grad: bool):
+    """One chunk of `fused_head_loss`: (kd_sum, ce_sum, grad of kd_weight*kd + ce_weight*ce w.r.t. the logits).
+
+    h: (c, d); weight: (vocab, d), already sliced to the real vocabulary; labels: (c,); topk_ids, t_topk: (c, k)
+    or None without KD; t_tail: (c,). Everything vocabulary-sized is one (c, V) buffer, reused in place: logits,
+    then exp(logits - max), then the gradient.
+    """
+    z = (h @ weight.T).float()  # (c, V)
+    dcap = None
+    if softcap:
+        z.div_(softcap).tanh_()
+        dcap = 1.0 - z * z if want_grad else None  # d(cap * tanh(x / cap)) / dx, a second (c, V) buffer
+        z.mul_(softcap)
+    z_lab = z.gather(1, labels[:, None]).squeeze(1)  # (c,)
+    if topk_ids is not None:
+        z_top = z.gather(1, topk_ids)  # (c, k)
+        z.scatter_(1, topk_ids, float("-inf"))  # the tail: every id outside the top-k
+        m = z.max(1).values  # (c,) max over the tail; -inf when k = V
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = z.sub_(m[:, None]).exp_()  # (c, V) exp(z - m) on the tail, 0 on the top-k
+        rest = e.sum(1)  # (c,)
+        lse_rest = rest.log() + m  # (c,) exact tail logsumexp (no 1 - sum cancellation); -inf when k = V
+        # A repeated id (vLLM can list the sampled token twice) is one token of the vocabulary: counted once.
+        srt, order = topk_ids.sort(1)
+        repeat = torch.zeros_like(topk_ids, dtype=torch.bool).scatter_(1, order[:, 1:], srt[:, 1:] == srt[:, :-1])
+        lse = torch.logaddexp(lse_rest, z_top.masked_fill(repeat, float("-inf")).logsumexp(1))  # (c,)
+        s_top, s_tail = z_top - lse[:, None], lse_rest - lse  # (c, k), (c,)
+    else:
+        m = z.max(1).values
+        e = z.sub_(m[:, None]).exp_()  # (c, V) exp(z - m)
+        rest = e.sum(1)
+        lse = rest.log() + m
+        lse_rest, s_top, s_tail = lse, None, None
+    label_lp = z_lab - lse  # (c,)
+    kd_on, ce_on = topk_ids is not None and kd_weight > 0, ce_weight > 0
+    if not want_grad:
+        kd = kd_per_token(s_top, s_tail, t_topk, t_tail, **kd_options).sum() if topk_ids is not None else None
+        return kd, -label_lp.sum(), None
+    # Gradient of the (c, k + 1) bucket loss w.r.t. the student's bucket and label log-probabilities by autograd
+    # on those small tensors (every divergence, temperature and option of kd_per_token alike), then the closed
+    # form of their gradient w.r.t. the logits.
+    leaves = [x.detach().requires_grad_(True) for x in (label_lp,) + ((s_top, s_tail) if topk_ids is not None else ())]
+    with torch.enable_grad():
+        ce = -leaves[0].sum()
+        kd = kd_per_token(leaves[1], leaves[2], t_topk, t_tail, **kd_options).sum() if topk_ids is not None else None
+        total = (ce_weight * ce if ce_on else 0.0) + (kd_weight * kd if kd_on else 0.0)
+        grads = torch.autograd.grad(total, leaves, allow_unused=True) if torch.is_tensor(total) and \
+            total.requires_grad else [None] * len(leaves)
+    g_lab = grads[0] if grads[0] is not None else torch.zeros_like(label_lp)  # (c,)
+    G = g_lab.clone()  # (c,) sum of all upstream gradients: d lse / d z = softmax
+    if topk_ids is not None:
+        g_top = grads[1] if grads[1] is not None else torch.zeros_like(s_top)  # (c, k)
+        g_tail = grads[2] if grads[2] is not None else torch.zeros_like(s_tail)  # (c,)
+        G = G + g_top.sum(1) + g_tail
+        # On a tail id v: d s_tail / d z_v = exp(z_v - lse_rest) = e_v exp(m - lse_rest), minus G softmax_v.
+        tail_share = torch.where(rest > 0, torch.exp(m - lse_rest), torch.zeros_like(rest))
+        a = g_tail * tail_share - G * torch.exp(m - lse)  # (c,)
+    else:
+        a = -G * torch.exp(m - lse)
+    gz = e.mul_(a[:, None])  # (c, V) gradient w.r.t. the logits, in e's buffer
+    if topk_ids is not None:
+        gz.scatter_(1, topk_ids, -G[:, None] * s_top.exp())  # set first: a repeated id is softmax'd once ...
+        gz.scatter_add_(1, topk_ids, g_top)  # ... and gets each of its buckets' gradients
+    gz.scatter_add_(1, labels[:, None], g_lab[:, None])
+    if dcap is not None:
+        gz.mul_(dcap)
+    return kd.detach() if kd is not None else None, ce.detach(), gz
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """KD and CE sums from hidden states and the head weight, with their gradients computed in the forward pass.
+
+    The gradients kept are those of kd_weight * kd_sum + ce_weight * ce_sum; backward scales them by the one
+    factor its incoming gradients imply, so the caller's loss must weight the two sums in that ratio (any
+    overall scale, e.g. a token normaliser, is free). Backward may run once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, topk_ids, t_topk, t_tail, spec):
+        vocab, chunk, softcap = spec["vocab"], spec["chunk_size"], spec["softcap"]
+        kd_w, ce_w, want_h, want_w = spec["kd_weight"], spec["ce_weight"], spec["want_h"], spec["want_w"]
+        dtype = spec["dtype"]
+        w = weight[:vocab].to(dtype)  # (V, d): padded embedding rows beyond the tokenizer are dropped
+        h_all = hidden.to(dtype)
+        grad_h = torch.zeros_like(hidden) if want_h else None  # (N, d)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # (V', d), fp32 accumulation
+        kd_sum = torch.zeros((), device=hidden.device)
+        ce_sum = torch.zeros((), device=hidden.device)
+        want = want_h or want_w
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, hidden.shape[0], chunk):
+                sl = slice(i, i + chunk)
+                h = h_all[sl]
+                kd, ce, gz = _fused_chunk(h, w, labels[sl], None if topk_ids is None else topk_ids[sl],
+                                          None if t_topk is None else t_topk[sl], None if t_tail is None else t_tail[sl],
+                                          vocab, softcap, kd_w, ce_w, spec["kd_options"], want)
+                ce_sum += ce
+                if kd is not None:
+                    kd_sum += kd
+                if gz is None:
+                    continue
+                if want_h:
+                    grad_h[sl] = (gz.to(dtype) @ w).to(grad_h.dtype)  # (c, d)
+                if want_w:
+                    if dtype == torch.float32:
+                        grad_w[:vocab].addmm_(gz.T, h)  # (V, d) += (V, c) @ (c, d), no (V, d) temporary
+                    else:
+                        grad_w[:vocab] += (gz.to(dtype).T @ h).float()
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if want_w else None)
+        ctx.weights = (kd_w, ce_w, topk_ids is not None)
+        return kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, g_kd, g_ce):
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # backward runs once; free the buffers as soon as autograd has them
+        kd_w, ce_w, kd_live = ctx.weights
+        kd_w = kd_w if kd_live else 0.0  # without top-k the KD sum is the constant 0: its gradient is irrelevant
+        # The scale s with (g_kd, g_ce) = s (kd_w, ce_w); a sum of weight 0 has no gradient kept.
+        s = (g_kd * kd_w + g_ce * ce_w) / ((kd_w ** 2 + ce_w ** 2) or 1.0)
+        bad = (g_kd - s * kd_w).abs() * (1.0 if kd_live else 0.0) + (g_ce - s * ce_w).abs()
+        ok = bad <= 1e-5 * (g_kd.abs() + g_ce.abs()) + 1e-30
+        if g_kd.device.type == "cpu":
+            if not bool(ok):
+                raise RuntimeError(f"fused head loss: the loss weights the KD and CE sums {float(g_kd):g} : "
+                                   f"{float(g_ce):g}, not {kd_w:g} : {ce_w:g} as the loss was built with")
+        else:
+            torch._assert_async(ok)  # no host sync on the GPU
+        return (None if grad_h is None else grad_h.mul_(s.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(s.to(grad_w.dtype)), None, None, None, None, None)
+
+
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    topk_ids: torch.Tensor | None, t_topk: torch.Tensor | None, t_tail: torch.Tensor | None, *,
+                    vocab: int, kd_weight: float, ce_weight: float, chunk_size: int = 1024,
+                    softcap: float | None = None, **kd_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD (on the top-k + tail buckets) and CE over completion positions, head projection fused in.
+
+    hidden: (N, d) at completion positions; weight: the head's (V', d) weight (V' >= vocab); labels: (N,);
+    topk_ids, t_topk: (N, k) and t_tail: (N,), or None for CE only. Returns (kd_sum, ce_sum), the same values as
+    `student_logprobs` + `kd_per_token` (kd_sum is 0 without top-k). Per chunk of positions the logits, the bucket
+    log-probabilities, the divergences, CE and their gradient w.r.t. the logits are computed in one pass, then
+    the hidden states' gradient and the weight's gradient (accumulated in one (V', d) float32 buffer) right there:
+    backward recomputes nothing and no (N, V) tensor lives beyond one chunk. The gradient kept is that of
+    kd_weight * kd_sum + ce_weight * ce_sum, so a loss built from the two sums must weight them in that ratio
+    (times any scale); another ratio raises in backward. Matmuls run in the autocast dtype when autocast is on
+    (as the model's own head would), else in float32; the softmax and divergences in float32.
+    """
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    grad = torch.is_grad_enabled()
+    spec = {"vocab": vocab, "chunk_size": chunk_size, "softcap": softcap, "kd_weight": kd_weight,
+            "ce_weight": ce_weight, "kd_options": kd_options, "dtype": dtype,
+            "want_h": grad and hidden.requires_grad, "want_w": grad and weight.requires_grad}
+    return _FusedHeadLoss.apply(hidden, weight, labels, topk_ids, t_topk, t_tail, spec)

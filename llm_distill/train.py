@@ -31,9 +31,10 @@ from .config import TrainConfig, config_to_dict
 from .data import RUN_FILE, encode_prompt, read_provenance, write_run_record
 from .errors import UserError
 from .generate import _accepts, _cache_kwarg, _left_pad, _sample_inverse_cdf, decode_batch, sample_seed
-from .losses import (buckets, divergence, kd_per_token, minillm_surrogate, restrict_topk, student_buckets,
-                     student_logprobs, token_losses)
+from .losses import (buckets, divergence, fused_head_loss, kd_per_token, minillm_surrogate, restrict_topk,
+                     student_buckets, student_logprobs, token_losses)
 from .models import context_length, count_parameters, eos_ids, load_tokenizer, tokenizer_hash
+from .packing import use_packed_sdpa
 
 
 class TeacherRows(torch.utils.data.Dataset):
@@ -73,37 +74,51 @@ class TeacherRows(torch.utils.data.Dataset):
         return ex
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
+def collate(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
     """Right-pad prompt + completion; label position t-1 with completion token t; align the teacher's top-k.
 
+    With packing the rows are concatenated into one sequence instead (B = 1, no padding, no attention_mask):
+    `position_ids` restart at 0 for each row, which is how transformers recognises packed rows and keeps their
+    attention apart (with use_cache off). Labels and top-k sit at the same offsets inside each row either way.
     Builds each tensor once for the whole batch (one torch.tensor call per field), which keeps the KD batch's
     extra top-k data cheap to assemble.
     """
-    T = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
-    B = len(examples)
+    lens = [len(e["prompt"]) + len(e["completion"]) for e in examples]
+    T = sum(lens) if packing else max(lens)
+    B = 1 if packing else len(examples)
     ids, mask, labels = [], [], []
+    positions, offset = [], 0  # packing: position ids; where the current row starts in the packed sequence
     with_topk = "topk_ids" in examples[0]
     pos_b, pos_t, top_ids, top_lp, tails = [], [], [], [], []
     with_pg = "teacher_lp" in examples[0]  # MiniLLM rows: per-token teacher logprob and sampling logprob
     teacher_lp, sample_lp = [], []
     for b, e in enumerate(examples):
         p, c = len(e["prompt"]), len(e["completion"])
-        pad = T - p - c
+        pad = 0 if packing else T - p - c
         ids.append(e["prompt"] + e["completion"] + [pad_id] * pad)
         mask.append([1] * (p + c) + [0] * pad)
         # Logits at position j predict token j + 1: completion token t sits at p + t, so it is predicted at p + t - 1.
         labels.append([-100] * (p - 1) + e["completion"] + [-100] * (pad + 1))
+        positions.append(list(range(p + c)))
         if with_topk and c:
-            pos_b += [b] * c
-            pos_t += range(p - 1, p + c - 1)
+            pos_b += [0 if packing else b] * c
+            pos_t += range(offset + p - 1, offset + p + c - 1)
             top_ids += e["topk_ids"]
             top_lp += e["topk_logprobs"]
             tails += e["tail"]
             if with_pg:
                 teacher_lp += e["teacher_lp"]
                 sample_lp += e["sample_lp"]
-    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
-             "labels": torch.tensor(labels, dtype=torch.long)}
+        offset += p + c if packing else 0
+    if packing:
+        if with_pg:
+            raise ValueError("collate: MiniLLM rows are not packed (their reward-to-go runs along each row)")
+        flat = [[x for row in rows for x in row] for rows in (ids, labels, positions)]
+        batch = {"input_ids": torch.tensor(flat[:1], dtype=torch.long),  # (1, T)
+                 "position_ids": torch.tensor(flat[2:], dtype=torch.long), "labels": torch.tensor(flat[1:2], dtype=torch.long)}
+    else:
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
+                 "attention_mask": torch.tensor(mask, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
     if with_topk:
         k = len(top_ids[0]) if top_ids else 1
         lp = torch.tensor(top_lp, dtype=torch.float32).view(-1, k)  # (M, k) over all completion positions
@@ -130,41 +145,58 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 class StudentLoss(torch.nn.Module):
     """The student and its token losses in one forward, so that DDP (or any wrapper) sees a single call.
 
-    With chunk_size > 0 only completion positions reach the vocabulary projection, chunk by chunk
-    (`losses.student_logprobs`); with 0 the model's own full logits are used (the dense reference).
-    forward(batch) -> (kd_sum, ce_sum): sums over the batch's completion tokens; the caller normalises.
+    With chunk_size > 0 only completion positions reach the vocabulary projection, chunk by chunk: with
+    loss_impl="chunked" through `losses.student_logprobs` (recomputed in backward), with "fused" through
+    `losses.fused_head_loss` (gradients computed in the forward pass); with chunk_size 0 or loss_impl="dense"
+    the model's own full logits are used (the dense reference).
+    forward(batch) -> (kd_sum, ce_sum): sums over the batch's completion tokens; the caller normalises. The
+    fused loss keeps the gradient of kd_weight * kd_sum + ce_weight * ce_sum, so the caller's loss must weight the
+    sums so (times any scale); pass `ce_weight=` to forward when a batch's CE weight differs (on-policy: 0).
+    A packed batch (`position_ids`, no attention_mask; `collate(packing=True)`) runs as one sequence.
     A MiniLLM batch (with teacher_token_logprob and sample_logprob) returns (surrogate_sum, rkl_sum) instead:
     the policy-gradient surrogate (`losses.minillm_surrogate`) and, detached, the sampled estimate of the
     sequence-level reverse KL, sum of log q - log p over the tokens (for logging).
     """
 
     def __init__(self, model, vocab: int, chunk_size: int, kd_weight: float, ce_weight: float,
-                 kd_topk: int | None = None, minillm: dict | None = None, **kd_options):
+                 kd_topk: int | None = None, minillm: dict | None = None, loss_impl: str = "chunked", **kd_options):
         super().__init__()
         self.model, self.vocab, self.chunk_size = model, vocab, chunk_size
+        self.loss_impl = "dense" if not chunk_size else loss_impl
         self.minillm = minillm or {}  # single_step, length_norm
         self.kd_weight, self.ce_weight, self.kd_topk, self.kd_options = kd_weight, ce_weight, kd_topk, kd_options
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         # FSDP's transformer-based auto wrap reads the layer classes to shard from the prepared module.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail_logprob=None,
-                teacher_token_logprob=None, sample_logprob=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, topk_ids=None, topk_logprobs=None,
+                tail_logprob=None, teacher_token_logprob=None, sample_logprob=None, position_ids=None,
+                ce_weight=None):
         kd = self.kd_weight > 0
         if kd and self.kd_topk:
             topk_ids, topk_logprobs, tail_logprob = restrict_topk(topk_ids, topk_logprobs, tail_logprob, self.kd_topk)
+        # use_cache off: with a cache object transformers does not look for packed rows in position_ids.
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
         if teacher_token_logprob is not None:
-            return self._minillm(input_ids, attention_mask, labels, topk_ids, topk_logprobs, tail_logprob,
-                                 teacher_token_logprob, sample_logprob)
-        if not self.chunk_size:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :self.vocab]
+            return self._minillm(inputs, labels, topk_ids, topk_logprobs, tail_logprob, teacher_token_logprob,
+                                 sample_logprob)
+        if self.loss_impl == "dense":
+            logits = self.model(**inputs).logits[..., :self.vocab]
             kd_sum, ce_sum, _ = token_losses(logits, labels, topk_ids, topk_logprobs, tail_logprob,
                                              self.kd_weight, self.ce_weight, **self.kd_options)
             return kd_sum, ce_sum
         mask = labels != -100  # (B, T)
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
         h = hidden[mask]  # (N, d): prompt positions never reach the vocabulary projection
         head = self.model.get_output_embeddings()  # bias-free Linear (V', d), called per chunk
+        if self.loss_impl == "fused":
+            kd_sum, ce_sum = fused_head_loss(
+                h, head.weight, labels[mask], topk_ids[mask] if kd else None, topk_logprobs[mask] if kd else None,
+                tail_logprob[mask] if kd else None, vocab=self.vocab, kd_weight=self.kd_weight,
+                ce_weight=self.ce_weight if ce_weight is None else ce_weight, chunk_size=self.chunk_size,
+                softcap=self.softcap, **self.kd_options)
+            return kd_sum, ce_sum if self.ce_weight > 0 else ce_sum * 0.0  # logged CE is 0 when unweighted
         label_lp, s_topk, s_tail = student_logprobs(h, head, labels[mask], topk_ids[mask] if kd else None,
                                                     self.vocab, self.chunk_size, self.softcap)
         ce_sum = -label_lp.sum() if self.ce_weight > 0 else label_lp.sum() * 0.0
@@ -172,16 +204,17 @@ class StudentLoss(torch.nn.Module):
                               **self.kd_options).sum() if kd else label_lp.sum() * 0.0
         return kd_sum, ce_sum
 
-    def _minillm(self, input_ids, attention_mask, labels, topk_ids, topk_logprobs, tail_logprob,
-                 teacher_token_logprob, sample_logprob):
-        """MiniLLM surrogate on a batch of the student's own samples (labels = the sampled tokens)."""
+    def _minillm(self, inputs, labels, topk_ids, topk_logprobs, tail_logprob, teacher_token_logprob,
+                 sample_logprob):
+        """MiniLLM surrogate on a batch of the student's own samples (labels = the sampled tokens). Its gradient
+        flows through per-token log-probabilities, so the fused loss uses the chunked projection here."""
         mask = labels != -100  # (B, T)
-        if not self.chunk_size:
-            z = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :self.vocab][mask]  # (N, V)
+        if self.loss_impl == "dense":
+            z = self.model(**inputs).logits[..., :self.vocab][mask]  # (N, V)
             label_lp = torch.log_softmax(z.float(), -1).gather(-1, labels[mask][:, None]).squeeze(-1)  # (N,)
             s_topk, s_tail = student_buckets(z, topk_ids[mask])  # (N, k), (N,)
         else:
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
             label_lp, s_topk, s_tail = student_logprobs(hidden[mask], self.model.get_output_embeddings(), labels[mask],
                                                         topk_ids[mask], self.vocab, self.chunk_size, self.softcap)
         single = None
@@ -212,6 +245,35 @@ def check_chunked_head(model, vocab: int, input_ids: torch.Tensor) -> None:
     if not torch.allclose(z, ref, atol=1e-3, rtol=1e-3):
         raise UserError(f"train: this model's output head is not a plain linear projection "
                         f"({type(model).__name__}); set loss_chunk_size=0 to use its full logits")
+
+
+def fused_head_problem(model, distributed_type: str) -> str | None:
+    """Why the fused loss cannot run here (None when it can): it multiplies by the head's weight directly."""
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        return f"{distributed_type} shards the head's weight, which the fused loss reads directly"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return (f"the output head is a {type(head).__module__}.{type(head).__name__}, not a plain bias-free "
+                "torch.nn.Linear (LoRA on the head?)")
+    return None
+
+
+def check_packing(model, prompts: list[list[int]]) -> None:
+    """Packed rows must not attend to each other: two rows run packed must give each row's own hidden states."""
+    a, b = list(prompts[0][:8]), list(prompts[-1][:5])
+    was_training = model.training
+    model.eval()  # dropout would make the passes differ
+    dec = model.get_decoder()
+    with torch.no_grad():
+        packed = dec(input_ids=torch.tensor([a + b]), position_ids=torch.tensor([list(range(len(a))) +
+                                                                                  list(range(len(b)))]),
+                     use_cache=False).last_hidden_state[0]  # (len a + len b, d)
+        alone = torch.cat([dec(input_ids=torch.tensor([r]), use_cache=False).last_hidden_state[0] for r in (a, b)])
+    model.train(was_training)
+    if not torch.allclose(packed, alone, atol=1e-4, rtol=1e-4):
+        raise UserError(f"train: packing=true, but this student's attention crosses packed rows "
+                        f"({type(model).__name__}, attn_implementation="
+                        f"{getattr(model.config, '_attn_implementation', '?')}); set packing=false")
 
 
 def onpolicy_step(seed: int, step: int, fraction: float) -> bool:
@@ -483,6 +545,8 @@ def main(cfg: TrainConfig) -> str:
     resplit = check_alignment(ds, tokenizer, tok_path) if cfg.kd_weight > 0 else 0
 
     model = build_student(cfg, tokenizer)
+    if cfg.packing:
+        use_packed_sdpa(model)  # sdpa without a (tokens x tokens) block mask; checked below with the others
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -541,9 +605,18 @@ def main(cfg: TrainConfig) -> str:
             raise UserError(f"{cfg.teacher}: the teacher's tokenizer differs from the student's ({tok_path}); "
                             "on-policy distillation scores the student's token ids, so they must share the vocabulary")
         stop_ids = eos_ids(model, tokenizer)
-    if cfg.loss_chunk_size:
+    loss_impl = "dense" if not cfg.loss_chunk_size else cfg.loss_impl
+    if loss_impl in ("auto", "fused"):
+        problem = fused_head_problem(model, accelerator.distributed_type.value)
+        if problem and loss_impl == "fused":
+            raise UserError(f"train: loss_impl=fused cannot run: {problem}; use loss_impl=chunked")
+        loss_impl = "chunked" if problem else "fused"
+    if loss_impl != "dense":
         check_chunked_head(model, vocab, torch.tensor([rows[0]["prompt"]]))
+    if cfg.packing:
+        check_packing(model, [rows[0]["prompt"], rows[len(rows) - 1]["prompt"]])
     step_loss = StudentLoss(model, vocab, cfg.loss_chunk_size, cfg.kd_weight, cfg.ce_weight, cfg.kd_topk,
+                            loss_impl=loss_impl,
                             divergences=cfg.kd_divergences, temperature=cfg.kd_temperature, beta=cfg.jsd_beta,
                             alpha=cfg.skew_alpha, renormalized_topk=cfg.renormalized_topk,
                             minillm={"single_step": cfg.minillm_single_step, "length_norm": cfg.minillm_length_norm})
@@ -571,7 +644,8 @@ def main(cfg: TrainConfig) -> str:
               f"{len(rows)} rows, "
               f"{'KD + ' if cfg.kd_weight > 0 else ''}CE weights kd={cfg.kd_weight} ce={cfg.ce_weight}, "
               f"{world} process(es) ({accelerator.distributed_type.value}, "
-              f"{accelerator.mixed_precision} mixed precision)"
+              f"{accelerator.mixed_precision} mixed precision), {loss_impl} loss"
+              + (", packed micro-batches" if cfg.packing else "")
               + (f"; {resplit} of the first 64 completions re-encode to other ids (sampled splits)" if resplit else "")
               + (f"; on-policy ({cfg.onpolicy_objective}) with probability {cfg.onpolicy_fraction} per step, teacher "
                  f"{cfg.teacher} ({cfg.onpolicy_teacher_backend})" if teacher is not None else "")
@@ -599,7 +673,7 @@ def main(cfg: TrainConfig) -> str:
         return epoch_cache[epoch][j][lo:lo + cfg.micro_batch_size]
 
     def micro_batch(step: int, i: int) -> dict:
-        return collate([rows[r] for r in micro_rows(step, i)], tokenizer.pad_token_id)
+        return collate([rows[r] for r in micro_rows(step, i)], tokenizer.pad_token_id, cfg.packing)
 
     def onpolicy_batches(step: int) -> list[dict]:
         """This process's micro-batches of step `step` with the student's own samples for their prompts, scored
@@ -633,7 +707,9 @@ def main(cfg: TrainConfig) -> str:
                 ex["teacher_lp"], ex["sample_lp"] = sc.token_logprob.tolist(), sample_lp[:len(c)]
             examples.append(ex)
         mb = cfg.micro_batch_size
-        return [collate(examples[i * mb:(i + 1) * mb], tokenizer.pad_token_id) for i in range(cfg.grad_accum_steps)]
+        pack = cfg.packing and cfg.onpolicy_objective == "gkd"  # MiniLLM's reward-to-go runs along each row
+        return [collate(examples[i * mb:(i + 1) * mb], tokenizer.pad_token_id, pack)
+                for i in range(cfg.grad_accum_steps)]
 
     @torch.no_grad()
     def evaluate_loss() -> dict:
@@ -645,7 +721,7 @@ def main(cfg: TrainConfig) -> str:
         for n in range(n_batches):
             idx = share[n * cfg.micro_batch_size:(n + 1) * cfg.micro_batch_size]
             # A process without rows left still runs a forward (DDP forwards are collective) and adds nothing.
-            b = to_device(collate([eval_rows[r] for r in (idx or share[:1])], tokenizer.pad_token_id))
+            b = to_device(collate([eval_rows[r] for r in (idx or share[:1])], tokenizer.pad_token_id, cfg.packing))
             kd_sum, ce_sum = step_loss(**b)
             if idx:
                 sums += torch.stack([kd_sum.float(), ce_sum.float(), (b["labels"] != -100).sum().float()])
@@ -700,15 +776,17 @@ def main(cfg: TrainConfig) -> str:
         step_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)  # counted on the host, before the copy
         if world > 1:  # all micro-batches of all processes
             step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
-        window["seen"] += sum(int(b["attention_mask"].sum()) for b in micro)
-        window["positions"] += sum(b["attention_mask"].numel() for b in micro)
+        # A packed batch has no attention_mask: every position is a token.
+        window["seen"] += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                              for b in micro)
+        window["positions"] += sum(b["input_ids"].numel() for b in micro)
         kd_step = ce_step = torch.zeros((), device=accelerator.device)
         for i, b in enumerate(micro):
             b = to_device(b)
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
             sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(step_loss)
             with sync:
-                kd_sum, ce_sum = step_loss(**b)
+                kd_sum, ce_sum = step_loss(**b, ce_weight=ce_weight)
                 # x num_processes undoes DDP's gradient averaging: the gradient is that of the global token mean.
                 loss = (cfg.kd_weight * kd_sum + ce_weight * ce_sum) * world / max(step_tokens, 1)
                 accelerator.backward(loss)

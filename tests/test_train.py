@@ -123,16 +123,20 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
 
 
 def test_chunked_loss_trains_like_dense_logits(teacher_data, tmp_path):
-    """The chunked vocabulary projection (default) and the model's full logits give the same training run."""
+    """The fused loss (default), the chunked vocabulary projection and the model's full logits give the same
+    training run."""
     common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=3", "micro_batch_size=4", "learning_rate=1e-2",
               "lr_scheduler=constant", "log_every=1", "kd_divergences={jsd: 1.0, tvd: 0.5}", "kd_temperature=2.0"]
     run_cli("train", *common, f"output_dir={tmp_path / 'dense'}", "loss_chunk_size=0")
-    run_cli("train", *common, f"output_dir={tmp_path / 'chunked'}", "loss_chunk_size=7")
-    a, b = _weights(tmp_path / "dense"), _weights(tmp_path / "chunked")
-    for name in a:
-        # float32 logits summed in another order, then AdamW (lr 1e-2) divides by sqrt(v): one lm_head entry of
-        # 1,376 was measured 1.08e-5 apart after 3 steps, so 2e-5 (a real bug moves weights by ~lr = 1e-2)
-        assert torch.allclose(a[name], b[name], atol=2e-5), name
+    run_cli("train", *common, f"output_dir={tmp_path / 'chunked'}", "loss_chunk_size=7", "loss_impl=chunked")
+    assert "fused loss" in run_cli("train", *common, f"output_dir={tmp_path / 'fused'}", "loss_chunk_size=7").stdout
+    a = _weights(tmp_path / "dense")
+    for run in ("chunked", "fused"):
+        b = _weights(tmp_path / run)
+        for name in a:
+            # float32 logits summed in another order, then AdamW (lr 1e-2) divides by sqrt(v): one lm_head entry of
+            # 1,376 was measured 1.08e-5 apart after 3 steps, so 2e-5 (a real bug moves weights by ~lr = 1e-2)
+            assert torch.allclose(a[name], b[name], atol=2e-5), (run, name)
 
 
 def test_padded_student_vocabulary_and_smaller_k(teacher_data, tmp_path):
