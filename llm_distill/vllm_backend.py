@@ -504,7 +504,7 @@ class VLLMBackend:
                                         seed=sample_seed(self.seed, keys[i], s), stop_token_ids=self.stop_ids)
                   for i, s in jobs]
         prompts = [TokensPrompt(prompt_token_ids=list(prompt_ids[i])) for i, _ in jobs]
-        outs = self.llm.generate(prompts, params, use_tqdm=progress is None)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)  # our own bar (vLLM's divides by its elapsed time, 0 under TQDM_DISABLE)
         results: list[list] = [[None] * self.n for _ in prompt_ids]
         for (i, s), out in zip(jobs, outs):
             (c,) = completions_from_request(out, self.k, n=1)
@@ -523,7 +523,7 @@ class VLLMBackend:
 
         params = self.score_sampling_params(self.k)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in zip(prompt_ids, completion_ids)]
-        outs = self.llm.generate(prompts, params, use_tqdm=progress is None)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)  # our own bar (vLLM's divides by its elapsed time, 0 under TQDM_DISABLE)
         results = [score_from_vllm(out, len(p), c, self.k) for out, p, c in zip(outs, prompt_ids, completion_ids)]
         if progress:
             progress(len(results), sum(len(c.token_ids) for c in results))
