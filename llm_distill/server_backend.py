@@ -214,10 +214,14 @@ class ServerBackend:
         return min(lens) if lens else None
 
     def _generate_body(self, prompt_ids: list[int], seed: int, max_tokens: int | None = None) -> dict:
-        return {"model": self.served_model, "prompt": list(prompt_ids),
-                "n": 1, "max_tokens": max_tokens or self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": seed, "logprobs": self.k, "return_tokens_as_token_ids": True,
-                "stop_token_ids": self.stop_ids}
+        body = {"model": self.served_model, "prompt": list(prompt_ids), "n": 1,
+                "max_tokens": max_tokens or self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "logprobs": self.k, "return_tokens_as_token_ids": True, "stop_token_ids": self.stop_ids}
+        if self.temperature > 0:
+            # Greedy requests go unseeded: a seeded request gets its own generator, which a CPU server started
+            # with chunked prefill cannot rewind (see vllm_backend), and greedy decoding draws nothing.
+            body["seed"] = seed
+        return body
 
     def _run(self, bodies: list[dict], progress, tokens_of) -> list[dict]:
         """Every request's JSON response, in order, over the live replicas (see the module docstring)."""

