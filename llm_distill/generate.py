@@ -438,13 +438,14 @@ def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, po
 def main(cfg: GenerateConfig) -> str:
     """Run the teacher over the prompts and write the dataset; returns the output directory."""
     shard = parse_shard(cfg.shard)
+    inputs = [cfg.prompts, cfg.model]
     if finished(cfg.output_dir) and not cfg.overwrite:
-        check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)  # refuses another run
+        check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite, inputs)  # refuses another run
         shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)  # left if killed right after publishing
         print(f"generate: {cfg.output_dir} is already complete with these settings; nothing to do "
               "(overwrite=true regenerates it)")
         return cfg.output_dir
-    check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)
+    check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite, inputs)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
     if cfg.backend == "vllm":
@@ -473,17 +474,18 @@ def main(cfg: GenerateConfig) -> str:
     progress = Progress("generate", len(kept) * cfg.num_samples, sum(len(chunks[i]) for i in done) * cfg.num_samples)
     if done:
         print(f"generate: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
-    for index, chunk in enumerate(chunks):
-        if index in done:
-            continue
-        outs = backend.generate([encoded[p.id] for p in chunk], [p.id for p in chunk], progress)
-        meta, comps = [], []
-        for p, samples in zip(chunk, outs):
-            for s, c in enumerate(samples):
-                meta.append({"id": f"{p.id}#{s}", "prompt_id": p.id, "messages": p.messages,
-                             "prompt_token_ids": encoded[p.id]})
-                comps.append(c)
-        run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
+    with run.refusing():
+        for index, chunk in enumerate(chunks):
+            if index in done:
+                continue
+            outs = backend.generate([encoded[p.id] for p in chunk], [p.id for p in chunk], progress)
+            meta, comps = [], []
+            for p, samples in zip(chunk, outs):
+                for s, c in enumerate(samples):
+                    meta.append({"id": f"{p.id}#{s}", "prompt_id": p.id, "messages": p.messages,
+                                 "prompt_token_ids": encoded[p.id]})
+                    comps.append(c)
+            run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
     did = progress.close()
 
     provenance = {
