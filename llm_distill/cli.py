@@ -21,12 +21,24 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # A file datasets cannot read is logged by it and then raised: the raise becomes our one-line error.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other error, instead of usage + message
         print(f"llm-distill: error: {message} (see llm-distill --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def _end_progress_bars() -> None:
+    """Close progress bars a refused run left open, so that the error starts on a line of its own."""
+    try:
+        from tqdm.std import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def error_line(stage: str, message: str) -> str:
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             quickstart.main(load_config(QuickstartConfig, recipe, overrides))
     except UserError as e:
+        _end_progress_bars()
         print(error_line(ns.stage, str(e)), file=sys.stderr)
         return 2
     except OSError as e:  # a file-system fault (permissions, a full disk, a vanished file): the path and the cause

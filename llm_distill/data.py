@@ -102,8 +102,11 @@ def load_teacher_dataset(path: str, cache_dir: Optional[str] = None):
     files = teacher_parquet_files(path)
     try:
         if files:
+            import pyarrow.parquet as pq
             from datasets import Dataset
 
+            if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:  # datasets cannot read 0-row parquet
+                return Dataset(pq.read_schema(files[0]).empty_table())
             return Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir, split="train")
         if _is_save_to_disk_dir(p):
             from datasets import load_from_disk

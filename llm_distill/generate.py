@@ -264,6 +264,9 @@ class TransformersBackend:
                  batch_size: int = 16, tokenizer=None):
         import transformers
 
+        from .validate import check_model_dir
+
+        check_model_dir(model, "teacher")  # config.json and whole weight files, before anything is loaded
         self.device = resolve_device(device)
         self.tokenizer = tokenizer or load_tokenizer(model)
         self.model = load_model(model, self.device, resolve_dtype(dtype, self.device))

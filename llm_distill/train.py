@@ -425,7 +425,19 @@ def _trackers(report_to: str) -> list[str] | None:
 
         has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
         return ["tensorboard"] if has_tb else None
-    return [t.strip() for t in report_to.split(",") if t.strip()]
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for name in names:
+        if name not in known:
+            raise UserError(f"train: report_to '{name}' is not a tracker; use auto, none, or a comma list of "
+                            f"{', '.join(known)}")
+        if not getattr(accelerate.tracking, f"is_{name}_available", lambda: True)():
+            raise UserError(f"train: report_to={name}, but {name} is not installed (pip install {name}); or use "
+                            "report_to=auto")
+    return names
 
 
 def main(cfg: TrainConfig) -> str:
@@ -477,6 +489,8 @@ def _train(cfg: TrainConfig, started: dict) -> str:
 
         try:
             ds = load_teacher_dataset(path)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"{path}: not a datasets directory ({type(e).__name__})") from None
         if len(ds) == 0:
