@@ -297,6 +297,8 @@ class TrainConfig:
         _check(self.lr_scheduler in ("cosine", "linear", "constant"),
                f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")
         _check(self.max_steps >= 1, "train: max_steps must be >= 1")
+        _check(self.max_seq_len is None or self.max_seq_len >= 2,
+               "train: max_seq_len must be >= 2 (a prompt token and a completion token)")
         _check(self.micro_batch_size >= 1, "train: micro_batch_size must be >= 1")
         _check(self.grad_accum_steps >= 1, "train: grad_accum_steps must be >= 1")
         _check(self.warmup_steps >= 0, "train: warmup_steps must be >= 0")
