@@ -460,9 +460,6 @@ def _train(cfg: TrainConfig, started: dict) -> str:
     from transformers import get_scheduler
 
     out = Path(cfg.output_dir)
-    for path, what in ((cfg.student, "student"), (cfg.teacher, "teacher")):
-        if path:
-            check_model_dir(path, what)  # cheap: config.json, whole weight files; before any data is read
     resume_from = resume_point(cfg)
     trackers = _trackers(cfg.report_to)
     # Without CUDA, cpu=True makes `accelerate launch --multi_gpu --num_processes N` run real DDP over gloo.
@@ -481,6 +478,9 @@ def _train(cfg: TrainConfig, started: dict) -> str:
         from .vllm_backend import require_vllm
 
         require_vllm("onpolicy_teacher_backend")  # no vllm or no CUDA: one line now, before any data or model
+    for path, what in ((cfg.student, "student"), (cfg.teacher, "teacher")):
+        if path:
+            check_model_dir(path, what)  # cheap: config.json, whole weight files; before any data is read
 
     def load_teacher_data(path: str):
         if not Path(path).is_dir():

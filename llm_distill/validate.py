@@ -389,19 +389,18 @@ def check_teacher_dataset(path: str, ds=None, need: str = "kd", vocab_size: Opti
             for batch in table.to_batches(max_chunksize=batch_rows):
                 _check_batch(path, batch, row0, need, vocab, state)
                 row0 += batch.num_rows
+        if ids:
+            col = pa.chunked_array([pc.cast(c, pa.string()) for chunk in ids for c in chunk.chunks], type=pa.string())
+            if pc.count_distinct(col).as_py() != len(col):
+                counts = pc.value_counts(col)
+                dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+                raise UserError(f"{path}: id {dup!r} appears more than once (a duplicated part file under data/?); "
+                                "every row id must be unique - remove the extra file or regenerate the dataset")
     except UserError:
         raise
     except (OSError, pa.ArrowException, ValueError, TypeError) as e:
-        raise UserError(f"{path}: cannot read this dataset ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:160]}); a part file is truncated or not parquet - "
-                        "restore or regenerate it") from None
-    if ids:
-        col = pa.chunked_array([c for chunk in ids for c in chunk.chunks], type=pa.string())
-        if pc.count_distinct(col).as_py() != len(col):
-            counts = pc.value_counts(col)
-            dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-            raise UserError(f"{path}: id {dup!r} appears more than once (a duplicated part file under data/?); "
-                            "every row id must be unique - remove the extra file or regenerate the dataset")
+        raise UserError(f"{path}: cannot read this dataset ({one_line(e, 160)}); a part file is truncated, not "
+                        "parquet or of another schema - restore or regenerate it") from None
     return {"k": state.get("k"), "num_rows": row0}
 
 
