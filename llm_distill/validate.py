@@ -351,12 +351,14 @@ def _check_batch(path, batch, row0: int, need: str, vocab: Optional[int], state:
 
 
 def check_teacher_dataset(path: str, ds=None, need: str = "kd", vocab_size: Optional[int] = None,
-                          batch_rows: int = 4096) -> dict:
+                          batch_positions: int = 1 << 19) -> dict:
     """Check a teacher dataset fully, vectorised over its Arrow columns; returns {"k", "num_rows"}.
 
     need: `kd` (top-k, tail and token ids, for token-level KD), `tokens` (prompt/completion ids), `text`
     (messages + completion), `messages` (prompts only). `ds`: an opened `datasets.Dataset` (else the parquet
     parts are read). vocab_size: token ids must lie in [0, vocab_size) (default: provenance's vocab_size).
+    Rows are checked in batches of about `batch_positions` completion positions (a few hundred MB of numpy
+    temporaries at k = 20), so memory stays flat however large the dataset.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -386,7 +388,10 @@ def check_teacher_dataset(path: str, ds=None, need: str = "kd", vocab_size: Opti
             table = table.select(columns)
             if "id" in columns:
                 ids.append(table.column("id"))
-            for batch in table.to_batches(max_chunksize=batch_rows):
+            per_row = 1
+            if "completion_token_ids" in columns and table.num_rows:
+                per_row = max(1, len(pc.list_flatten(table.column("completion_token_ids"))) // table.num_rows)
+            for batch in table.to_batches(max_chunksize=max(1, batch_positions // per_row)):
                 _check_batch(path, batch, row0, need, vocab, state)
                 row0 += batch.num_rows
         if ids:
