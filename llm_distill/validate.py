@@ -444,14 +444,22 @@ def check_output_path(path: str, stage: str, inputs=(), overwrite: bool = False)
         if src == out or src.is_relative_to(out):
             raise UserError(f"{path}: output_dir {'is' if src == out else 'holds'} this run's input {item}; "
                             "writing there would destroy it - choose another output_dir")
+        if src.is_dir() and out.is_relative_to(src):
+            raise UserError(f"{path}: output_dir is inside this run's input {item}; keep outputs out of input "
+                            "folders (e.g. output_dir=runs/" + stage + ")")
     existing = out
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{path}: {'output_dir' if existing == out else existing} is a file, not a directory; "
                         "choose a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: {existing} is not writable; choose an output_dir you can write to")
+    try:  # a real write (permission bits say nothing for root, nor for /proc, read-only mounts, ...)
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".llm-distill-write-test-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{path}: {existing} is not writable ({e.strerror}); choose an output_dir you can write "
+                        "to") from None
     if out.exists() and overwrite and any(out.iterdir()):
         run_file = out / RUN_FILE
         record = read_json(run_file, "run record") if run_file.is_file() else None

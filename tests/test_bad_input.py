@@ -333,6 +333,8 @@ CASES = [
                                          "overwrite=true"], "is this run's input td"),
     ("merge-output-is-input", shard_copies, ["merge", "inputs=[s0,s1]", "output_dir=s0", "overwrite=true"],
      "is this run's input s0"),
+    ("output-inside-input-folder", None, GEN[:3] + ["output_dir=teacher/out"], "inside this run's input teacher"),
+    ("output-on-unwritable-filesystem", None, GEN[:3] + ["output_dir=/proc/llm-distill-out"], "/proc is not writable"),
     ("quickstart-output-cwd", None, ["quickstart", "data_dir=.", "recipes_dir=.", "output_dir=."],
      "is the working directory"),
 
@@ -504,6 +506,13 @@ def test_overwrite_replaces_a_previous_output_of_the_same_stage(work):
     assert cli.main(run_args) == 0
     assert cli.main(run_args + ["max_new_tokens=3", "overwrite=true"]) == 0
     assert json.loads((work / "out" / "run.json").read_text())["config"]["max_new_tokens"] == 3
+
+
+def test_prompts_with_a_byte_order_mark_are_read(work):
+    from llm_distill.data import load_prompts
+
+    (work / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n')
+    assert [p.id for p in load_prompts("bom.jsonl")] == ["a"]
 
 
 def test_validation_accepts_every_generated_dataset(teacher_data):
