@@ -81,7 +81,8 @@ class GenerateConfig:
     """A prompt whose tokens + max_new_tokens exceed the model context: `error` stops the run naming it;
     `skip` leaves it out, counted in the summary and in provenance.json (`skipped_long_prompts`)."""
     overwrite: bool = False
-    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
+    """Replace a previous output of this stage (its run.json says so) and any unfinished run of it, instead of
+    refusing or resuming; nothing else is ever removed."""
 
     tensor_parallel_size: int = 1
     """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
@@ -251,7 +252,8 @@ class TrainConfig:
     minillm_length_norm: bool = True
     """minillm: use the mean, not the sum, of the future rewards (MiniLLM's length normalisation)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "train: 'dataset' is required (a directory written by generate)")
@@ -392,7 +394,8 @@ class EvaluateConfig:
     limit: Optional[int] = None
     """Use only the first N prompts."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.prompts), "evaluate: 'prompts' is required (held-out JSONL)")
@@ -429,7 +432,8 @@ class ExportConfig:
     output_dir: str = ""
     """Where the merged model (safetensors + tokenizer + chat template) is written."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.adapter), "export: 'adapter' is required (a LoRA adapter directory)")
@@ -471,7 +475,8 @@ class ScoreConfig:
     limit: Optional[int] = None
     """Use only the first N rows."""
     overwrite: bool = False
-    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
+    """Replace a previous output of this stage (its run.json says so) and any unfinished run of it, instead of
+    refusing or resuming; nothing else is ever removed."""
 
     tensor_parallel_size: int = 1
     """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
@@ -519,7 +524,8 @@ class MergeConfig:
     allow_missing: bool = False
     """Merge even when some of the N shards are absent (they are listed in a warning and in provenance.json)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.inputs, list) and len(self.inputs) >= 1 and all(isinstance(x, str) for x in self.inputs),
@@ -540,7 +546,8 @@ class EnsembleConfig:
     logprobs: Optional[int] = None
     """k of the combined top-k (default: the largest k among the inputs; at most that)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.inputs, list) and len(self.inputs) >= 2 and all(isinstance(x, str) for x in self.inputs),

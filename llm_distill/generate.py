@@ -39,6 +39,7 @@ from .chunks import (RESUMABLE_CHANGES, ChunkedRun, crash_point, finished, parse
 from .config import GenerateConfig, config_to_dict
 from .data import SCHEMA_VERSION, check_output_dir, encode_prompt, load_prompts
 from .errors import UserError
+from .validate import check_model_dir
 from .models import (chat_template_hash, context_length, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
 
@@ -264,8 +265,6 @@ class TransformersBackend:
                  batch_size: int = 16, tokenizer=None):
         import transformers
 
-        from .validate import check_model_dir
-
         check_model_dir(model, "teacher")  # config.json and whole weight files, before anything is loaded
         self.device = resolve_device(device)
         self.tokenizer = tokenizer or load_tokenizer(model)
@@ -449,6 +448,7 @@ def main(cfg: GenerateConfig) -> str:
               "(overwrite=true regenerates it)")
         return cfg.output_dir
     check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite, inputs)
+    check_model_dir(cfg.model, "teacher")  # either backend: a missing or broken folder is one line, at once
     prompts = load_prompts(cfg.prompts, cfg.limit)
     prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
     if cfg.backend == "vllm":

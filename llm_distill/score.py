@@ -21,6 +21,7 @@ from .config import ScoreConfig, config_to_dict
 from .data import (_validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
                    read_provenance)
 from .errors import UserError
+from .validate import check_model_dir
 from .generate import (Progress, TransformersBackend, dataset_features, filter_long, rows_table, run_settings,
                        teacher_provenance)
 from .models import tokenizer_hash
@@ -99,6 +100,7 @@ def main(cfg: ScoreConfig) -> str:
         print(f"score: {cfg.output_dir} is already complete with these settings; nothing to do")
         return cfg.output_dir
     check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite, inputs)
+    check_model_dir(cfg.model, "teacher")  # either backend: a missing or broken folder is one line, at once
     rows = load_responses(cfg.responses, cfg.limit)
     responses_sha = sha256_json([[r["id"], r["messages"], r["completion"]] for r in rows])
     if cfg.backend == "vllm":

@@ -1,13 +1,15 @@
 """Every input a stage reads is checked here, before any expensive work, one function per kind of input:
 
     prompt_record        one chat prompt (JSONL line or dataset row): messages, roles, non-empty content, types
+    jsonl_lines          a JSONL file's lines: not UTF-8 is one line naming the line (a leading BOM is accepted)
     read_json            run.json / provenance.json / adapter_config.json: a corrupt file is one line, not a traceback
     model_source         a model path: a local directory ("not found" at once when it looks local) or a hub id
     check_model_dir      a local model directory: config.json parses, safetensors files are whole
     check_teacher_dataset  a teacher dataset, vectorised over its Arrow columns (ids vs vocabulary, k, lengths,
                          logprob values, top-k mass, duplicate ids, schema version)
-    check_output_path    an output directory: never the working directory, a parent of it or of an input;
-                         `overwrite` only replaces a previous output of the same stage; writable before work starts
+    check_output_path    an output directory: never the working directory, a parent of it or of an input, nor
+                         inside an input folder; `overwrite` only replaces a previous output of the same stage;
+                         a real write is tried before work starts
 
 Each raises `UserError` with one line naming the input (file, row, column, field) and the fix; the CLI prints it
 as `llm-distill <stage>: error: ...` and exits with code 2.
