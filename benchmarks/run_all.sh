@@ -56,6 +56,7 @@ if [ $QUICK = 1 ]; then
     run storage              "$PY" benchmarks/storage.py 100
     run generate_batched     "$PY" benchmarks/generate_batched.py 50 128 1
     run length_grouping      "$PY" benchmarks/length_grouping.py --quick
+    run validation_cost      "$PY" benchmarks/validation_cost.py 2
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0
     run quality_seeds        "$LLM" quickstart 'seeds=[0]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py 200 0
@@ -68,6 +69,7 @@ else
     run storage              "$PY" benchmarks/storage.py
     run generate_batched     "$PY" benchmarks/generate_batched.py
     run length_grouping      "$PY" benchmarks/length_grouping.py
+    run validation_cost      "$PY" benchmarks/validation_cost.py
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0,1,2
     run quality_seeds        "$LLM" quickstart 'seeds=[0,1,2]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py

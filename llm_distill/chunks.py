@@ -19,6 +19,7 @@ prompt exactly once whatever the file order or the machines; `llm-distill merge`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -162,13 +163,15 @@ class ChunkedRun:
         record = {"stage": stage, "settings": settings}
         run_file = self.dir / RUN_FILE
         if run_file.is_file():
-            old = json.loads(run_file.read_text())
+            from .validate import read_json
+
+            old = read_json(run_file, "run record of the unfinished run")
             if old.get("stage") != stage:
                 raise UserError(f"{output_dir}: an unfinished '{old.get('stage')}' run is there, not '{stage}'; "
                                 "choose another output_dir or pass overwrite=true")
-            diff = settings_diff(old["settings"], settings)
+            diff = settings_diff(old.get("settings") if isinstance(old.get("settings"), dict) else {}, settings)
             if diff:
-                changes = ", ".join(f"{k} {_fmt(old['settings'].get(k))} -> {_fmt(settings.get(k))}" for k in diff)
+                changes = ", ".join(f"{k} {_fmt((old.get('settings') or {}).get(k))} -> {_fmt(settings.get(k))}" for k in diff)
                 raise UserError(f"{output_dir}: cannot resume, the unfinished run there used other settings "
                                 f"(changed: {changes}); rerun with the old settings or pass overwrite=true to start "
                                 "over")
@@ -178,6 +181,20 @@ class ChunkedRun:
             self.resumed = False
         for tmp in self.dir.glob("*.tmp"):  # a write cut short by a kill; its chunk is redone
             tmp.unlink()
+
+    @contextlib.contextmanager
+    def refusing(self):
+        """Around the work loop: a run refused (bad teacher values, ...) before it wrote any chunk leaves nothing
+        behind, so the fix the message suggests can simply be rerun; one refused later keeps its finished chunks
+        and says how to go on."""
+        try:
+            yield
+        except UserError as e:
+            if not self.resumed and not self.done():
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+            raise UserError(f"{e} (the {len(self.done())} finished chunks are kept in {self.dir}: rerun with the "
+                            "same settings to resume, or with overwrite=true to start over with new ones)") from None
 
     def _take_lock_or_fail(self) -> None:
         lock = self.dir / "lock"

@@ -15,13 +15,39 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # no per-retry HTTP warnings: our error says what failed
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # A file datasets cannot read is logged by it and then raised: the raise becomes our one-line error.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error, instead of usage + message
+        print(f"llm-distill: error: {message} (see llm-distill --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _end_progress_bars() -> None:
+    """Close progress bars a refused run left open, so that the error starts on a line of its own."""
+    try:
+        from tqdm.std import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def error_line(stage: str, message: str) -> str:
+    """The one way an error reaches the user: one line on stderr (the caller exits with code 2)."""
+    return f"llm-distill {stage}: error: " + " ".join(str(message).split())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llm-distill",
         description="Distil a large chat model into a small one: generate -> train -> evaluate.",
         epilog="Example: llm-distill train recipes/tiny/train_kd.yaml max_steps=200 output_dir=runs/kd")
@@ -70,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
             quickstart.main(load_config(QuickstartConfig, recipe, overrides))
     except UserError as e:
-        print(f"llm-distill {ns.stage}: error: {e}", file=sys.stderr)
+        _end_progress_bars()
+        print(error_line(ns.stage, str(e)), file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system fault (permissions, a full disk, a vanished file): the path and the cause
+        where = f"{e.filename}: " if e.filename else ""
+        print(error_line(ns.stage, f"{where}{e.strerror or e}; check that path (permissions, free space)"),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llm-distill {ns.stage}: interrupted", file=sys.stderr)

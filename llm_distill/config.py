@@ -6,6 +6,7 @@ Every field carries a docstring; `__post_init__` validates values so a bad recip
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ from .errors import UserError
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
+
+
+def _check_device(device: str, stage: str) -> None:
+    import re
+
+    _check(isinstance(device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
+           f"{stage}: device '{device}' is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 def _check_shard(shard, stage: str) -> None:
@@ -74,7 +82,8 @@ class GenerateConfig:
     """A prompt whose tokens + max_new_tokens exceed the model context: `error` stops the run naming it;
     `skip` leaves it out, counted in the summary and in provenance.json (`skipped_long_prompts`)."""
     overwrite: bool = False
-    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
+    """Replace a previous output of this stage (its run.json says so) and any unfinished run of it, instead of
+    refusing or resuming; nothing else is ever removed."""
 
     tensor_parallel_size: int = 1
     """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
@@ -119,6 +128,10 @@ class GenerateConfig:
                "generate: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
         _check(self.num_samples >= 1, "generate: num_samples must be >= 1")
         _check(self.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy)")
+        _check(self.temperature > 0 or self.num_samples == 1,
+               f"generate: num_samples={self.num_samples} with temperature=0 (greedy) gives {self.num_samples} "
+               "identical completions per prompt; set temperature > 0 or num_samples=1")
+        _check_device(self.device, "generate")
         _check(0 < self.top_p <= 1, "generate: top_p must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "generate: max_new_tokens must be >= 1")
         _check(self.logprobs >= 1, "generate: logprobs (k) must be >= 1")
@@ -276,7 +289,8 @@ class TrainConfig:
     minillm_length_norm: bool = True
     """minillm: use the mean, not the sum, of the future rewards (MiniLLM's length normalisation)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "train: 'dataset' is required (a directory written by generate)")
@@ -290,7 +304,17 @@ class TrainConfig:
             for key in self.lora:
                 _check(key in ("r", "alpha", "dropout", "target_modules"),
                        f"train: unknown lora key '{key}' (known: r, alpha, dropout, target_modules)")
-            _check(isinstance(self.lora.get("r", 8), int) and self.lora.get("r", 8) >= 1, "train: lora.r must be >= 1")
+            r = self.lora.get("r", 8)
+            _check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, "train: lora.r must be an integer >= 1")
+            alpha, dropout = self.lora.get("alpha", 16), self.lora.get("dropout", 0.0)
+            _check(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0,
+                   "train: lora.alpha must be a number > 0")
+            _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+                   "train: lora.dropout must be in [0, 1)")
+            tm = self.lora.get("target_modules", "all-linear")
+            _check(isinstance(tm, str) and bool(tm) or isinstance(tm, list) and bool(tm)
+                   and all(isinstance(m, str) and m for m in tm),
+                   "train: lora.target_modules must be a list of module names (e.g. [q_proj, v_proj]) or all-linear")
         _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
         _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")
         from .losses import DIVERGENCES
@@ -298,8 +322,11 @@ class TrainConfig:
         for name, w in (self.kd_divergences or {}).items():
             _check(name in DIVERGENCES, f"train: unknown divergence '{name}' in kd_divergences; "
                                         f"choose from {', '.join(DIVERGENCES)}")
-            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
-                   f"train: kd_divergences.{name} must be a weight >= 0")
+            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                   f"train: kd_divergences.{name} must be a finite weight >= 0")
+        _check(not self.kd_divergences or sum(self.kd_divergences.values()) > 0,
+               "train: kd_divergences gives every divergence weight 0, so the KD term would be 0; give one a weight "
+               "> 0 (e.g. kd_divergences={forward_kl: 1.0}), or set kd_weight=0 to train CE only")
         _check(0.0 <= self.jsd_beta <= 1.0, "train: jsd_beta must be in [0, 1]")
         _check(0.0 <= self.skew_alpha <= 1.0, "train: skew_alpha must be in [0, 1]")
         _check(self.kd_temperature > 0, "train: kd_temperature must be > 0")
@@ -313,6 +340,8 @@ class TrainConfig:
         _check(self.lr_scheduler in ("cosine", "linear", "constant"),
                f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")
         _check(self.max_steps >= 1, "train: max_steps must be >= 1")
+        _check(self.max_seq_len is None or self.max_seq_len >= 2,
+               "train: max_seq_len must be >= 2 (a prompt token and a completion token)")
         _check(self.micro_batch_size >= 1, "train: micro_batch_size must be >= 1")
         _check(self.grad_accum_steps >= 1, "train: grad_accum_steps must be >= 1")
         _check(self.warmup_steps >= 0, "train: warmup_steps must be >= 0")
@@ -406,7 +435,8 @@ class EvaluateConfig:
     limit: Optional[int] = None
     """Use only the first N prompts."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.prompts), "evaluate: 'prompts' is required (held-out JSONL)")
@@ -423,6 +453,10 @@ class EvaluateConfig:
                    f"evaluate: normalization '{mode}' is not one of whitespace, lower, number")
         _check(self.bootstrap >= 0 and self.latency_prompts >= 0, "evaluate: bootstrap and latency_prompts must be >= 0")
         _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
+        _check_device(self.device, "evaluate")
+        for name, path in self.students.items():
+            _check(isinstance(path, str) and bool(path), f"evaluate: students.{name} must be a model path, got {path!r}")
+        _check(self.teacher is None or isinstance(self.teacher, str), "evaluate: 'teacher' must be a model path")
         _check(self.batch_size >= 1, "evaluate: batch_size must be >= 1")
         _check(self.backend in ("auto", "transformers", "vllm"),
                f"evaluate: backend '{self.backend}' is not one of auto, transformers, vllm")
@@ -439,7 +473,8 @@ class ExportConfig:
     output_dir: str = ""
     """Where the merged model (safetensors + tokenizer + chat template) is written."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(bool(self.adapter), "export: 'adapter' is required (a LoRA adapter directory)")
@@ -482,7 +517,8 @@ class ScoreConfig:
     limit: Optional[int] = None
     """Use only the first N rows."""
     overwrite: bool = False
-    """Replace an existing output directory (and any unfinished run of it) instead of refusing or resuming."""
+    """Replace a previous output of this stage (its run.json says so) and any unfinished run of it, instead of
+    refusing or resuming; nothing else is ever removed."""
 
     tensor_parallel_size: int = 1
     """backend=vllm: GPUs one teacher is split over (tensor parallel) in this process; for data parallel run one
@@ -517,6 +553,7 @@ class ScoreConfig:
         _check(bool(self.responses), "score: 'responses' is required (a JSONL file or a datasets directory)")
         _check(bool(self.output_dir), "score: 'output_dir' is required")
         _check(self.logprobs >= 1, "score: logprobs (k) must be >= 1")
+        _check_device(self.device, "score")
         _check(self.batch_size >= 1 and self.chunk_size >= 1, "score: batch_size and chunk_size must be >= 1")
         _check(self.on_long_prompt in ("error", "skip"),
                f"score: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
@@ -550,7 +587,8 @@ class MergeConfig:
     allow_missing: bool = False
     """Merge even when some of the N shards are absent (they are listed in a warning and in provenance.json)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.inputs, list) and len(self.inputs) >= 1 and all(isinstance(x, str) for x in self.inputs),
@@ -571,7 +609,8 @@ class EnsembleConfig:
     logprobs: Optional[int] = None
     """k of the combined top-k (default: the largest k among the inputs; at most that)."""
     overwrite: bool = False
-    """Replace an existing output directory instead of refusing."""
+    """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
+    removed: not a folder without that record, nor one holding this run's inputs."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.inputs, list) and len(self.inputs) >= 2 and all(isinstance(x, str) for x in self.inputs),
@@ -617,9 +656,12 @@ def _coerce(value: Any, typ: Any, name: str, where: str) -> Any:
         return float(value)
     if base is float and isinstance(value, str):
         try:  # YAML reads `1e-3` (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        # YAML reads .inf / .nan, and float() takes "inf": no setting of ours means anything at infinity.
+        raise UserError(f"{where}: '{name}' must be a finite number, got {value}")
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if (base is int and isinstance(value, bool)) or not isinstance(value, base):
@@ -627,31 +669,84 @@ def _coerce(value: Any, typ: Any, name: str, where: str) -> Any:
     return value
 
 
-def build_config(cls, values: dict, where: str):
-    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types."""
+def build_config(cls, values: dict, where: str | dict):
+    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types. `where` names the source
+    of the values (a recipe path, "command line"), or maps each top-level key to its source."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    source = (lambda k: where.get(k, "command line")) if isinstance(where, dict) else (lambda k: where)
     unknown = [k for k in values if k not in names]
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(names)})")
-    kwargs = {k: _coerce(v, hints[k], k, where) for k, v in values.items()}
+        raise UserError(f"{source(unknown[0])}: unknown key '{unknown[0]}' (known keys: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], k, source(k)) for k, v in values.items()}
     return cls(**kwargs)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """`a=1 b.c=x` -> {'a': 1, 'b': {'c': 'x'}}; values are parsed as YAML scalars/lists."""
-    out: dict = {}
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}", key_node.start_mark) from None
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' appears twice (line {seen[key] + 1} and line {key_node.start_mark.line + 1}); "
+                "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        return f"{e.problem}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+    return (str(e).splitlines() or [""])[0]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any, str]]:
+    """`a=1 b.c=x` -> [(['a'], 1, 'a=1'), (['b', 'c'], 'x', 'b.c=x')]; values are parsed as YAML (scalars,
+    [lists], {maps})."""
+    out = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"command line: '{item}' is not key=value (e.g. max_steps=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = out
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        if not all(p.strip() for p in parts):
+            raise UserError(f"command line: '{item}' has an empty key; write key=value (e.g. max_steps=100)")
+        try:
+            value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"command line: the value of '{key}' is not valid YAML ({_yaml_error(e)}); quote it, "
+                            "or write lists as [a,b] and maps as {a: 1}") from None
+        out.append((parts, value, item))
     return out
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`key=value` replaces the whole value of `key` (a map too: `students={a: x}` is exactly that map);
+    `key.sub=value` sets one entry inside the map `key`, keeping its other entries."""
+    values = dict(values)
+    for parts, value, item in parse_overrides(overrides):
+        node = values
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is not None and not isinstance(child, dict):
+                raise UserError(f"command line: '{item}' sets an entry inside '{'.'.join(parts[:i + 1])}', which is "
+                                f"not a map ({child!r}); write {'.'.join(parts[:i + 1])}=VALUE instead")
+            node[p] = dict(child or {})
+            node = node[p]
+        node[parts[-1]] = value
+    return values
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -665,22 +760,33 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | None = None, values_: dict | None = None):
-    """Load a recipe YAML (optional), then `values_` (a dict), then `key=value` overrides into a validated `cls`."""
+    """Load a recipe YAML (optional), then `values_` (a dict), then `key=value` overrides into a validated `cls`.
+
+    Errors name where the offending key came from: the recipe file or the command line."""
     values: dict = {}
-    where = "command line"
     if path:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{path}: recipe file not found")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+            values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (at byte {e.start}); save the recipe as UTF-8") from None
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({_yaml_error(e)})") from None
         if not isinstance(values, dict):
             raise UserError(f"{path}: a recipe must be a mapping of key: value")
-        where = path
-    values = _merge(_merge(values, values_ or {}), parse_overrides(overrides or []))
-    return build_config(cls, values, where)
+        bad = [k for k in values if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"{path}: key {bad[0]!r} is not a name; recipe keys are field names such as max_steps")
+    sources = {k: path for k in values}
+    values = _merge(values, values_ or {})
+    sources.update({k: "command line" for k in values_ or {}})
+    for item in overrides or []:
+        sources[item.split("=", 1)[0].split(".")[0]] = "command line"
+    values = apply_overrides(values, overrides or [])
+    return build_config(cls, values, sources)
 
 
 def config_to_dict(cfg) -> dict:

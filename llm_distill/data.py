@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import validate
 from .errors import UserError
 
 SCHEMA_VERSION = 1
-ROLES = ("system", "user", "assistant")
+ROLES = validate.ROLES
 RUN_FILE = "run.json"
 PROVENANCE_FILE = "provenance.json"
 DATA_DIR = "data"  # the parquet parts of a published teacher dataset, data/part-00000.parquet ...
@@ -38,26 +39,7 @@ class Prompt:
 
 
 def _validate_record(rec, where: str, index: int) -> Prompt:
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object with 'messages', got {type(rec).__name__}")
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: 'messages' is missing or empty; "
-                        'each prompt needs "messages": [{"role": "user", "content": "..."}]')
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise UserError(f"{where}: unknown role {m.get('role')!r} in messages[{i}]; use one of {', '.join(ROLES)}")
-    if msgs[-1]["role"] == "assistant":
-        raise UserError(f"{where}: the last message is from the assistant; a prompt must end with a user "
-                        "(or system) turn — put an expected answer in 'reference'")
-    ref = rec.get("reference")
-    if ref is not None and not isinstance(ref, str):
-        raise UserError(f"{where}: 'reference' must be a string")
-    pid = rec.get("id", f"p{index}")
-    return Prompt(id=str(pid), messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
-                  reference=ref, where=where, task=rec.get("task"))
+    return validate.prompt_record(rec, where, index, Prompt)
 
 
 def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = False) -> list[Prompt]:
@@ -68,23 +50,23 @@ def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = Fal
     prompts: list[Prompt] = []
     if p.is_dir():
         ds = load_teacher_dataset(str(p))
+        validate.check_teacher_dataset(str(p), ds, need="messages")
         for i, rec in enumerate(ds):
             if limit is not None and len(prompts) >= limit:
                 break
             prompts.append(_validate_record(rec, f"{path}: row {i}", i))
     else:
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(prompts) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    "each line must be one JSON object") from None
-                prompts.append(_validate_record(rec, f"{path}:{lineno}", len(prompts)))
+        for lineno, line in validate.jsonl_lines(path):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "each line must be one JSON object") from None
+            prompts.append(_validate_record(rec, f"{path}:{lineno}", len(prompts)))
     if not prompts and not allow_empty:
         raise UserError(f"{path}: no prompts found")
     seen: dict[str, str] = {}
@@ -120,8 +102,11 @@ def load_teacher_dataset(path: str, cache_dir: Optional[str] = None):
     files = teacher_parquet_files(path)
     try:
         if files:
+            import pyarrow.parquet as pq
             from datasets import Dataset
 
+            if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:  # datasets cannot read 0-row parquet
+                return Dataset(pq.read_schema(files[0]).empty_table())
             return Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir, split="train")
         if _is_save_to_disk_dir(p):
             from datasets import load_from_disk
@@ -177,8 +162,11 @@ def _run_record(stage: str, config: dict) -> dict:
     return {"stage": stage, "config": cfg}
 
 
-def check_output_dir(path: str, stage: str, config: dict, overwrite: bool) -> None:
-    """Refuse an output directory that holds something else, naming what differs."""
+def check_output_dir(path: str, stage: str, config: dict, overwrite: bool, inputs=()) -> None:
+    """Refuse an output directory that holds something else, naming what differs; refuse what `overwrite` could
+    destroy (validate.check_output_path: this run's `inputs`, the working directory, anything not a previous
+    output of `stage`)."""
+    validate.check_output_path(path, stage, inputs, overwrite)
     p = Path(path)
     if not p.exists() or overwrite:
         return
@@ -190,15 +178,26 @@ def check_output_dir(path: str, stage: str, config: dict, overwrite: bool) -> No
     if not run_file.is_file():
         raise UserError(f"{path}: output_dir is not empty and was not written by this stage; "
                         "choose another output_dir or pass overwrite=true")
-    old = json.loads(run_file.read_text())
+    old = validate.read_json(run_file, "run record")
     new = _run_record(stage, config)
     if old.get("stage") != stage:
         raise UserError(f"{path}: holds a '{old.get('stage')}' run, not '{stage}'; choose another output_dir")
-    diff = sorted(k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k))
+    old_cfg = old.get("config") if isinstance(old.get("config"), dict) else {}
+    diff = sorted(k for k in set(old_cfg) | set(new["config"]) if old_cfg.get(k) != new["config"].get(k))
     if diff:
         k = diff[0]
-        raise UserError(f"{path}: holds a different run ({k}: {old['config'].get(k)!r} there, {new['config'].get(k)!r} now); "
+        raise UserError(f"{path}: holds a different run ({k}: {old_cfg.get(k)!r} there, {new['config'].get(k)!r} now); "
                         "choose another output_dir or pass overwrite=true")
+
+
+def default_permissions(directory: Path) -> None:
+    """Give the files in `directory` the mode new files get here (0644 under the usual umask): the weight files
+    save_pretrained writes come out 0600 (written through a private temp file), unlike the config beside them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
 
 
 def write_run_record(directory: Path, stage: str, config: dict) -> None:
@@ -241,5 +240,4 @@ def publish(tmp: Path, path: str) -> None:
 
 
 def read_provenance(dataset_dir: str) -> dict:
-    f = Path(dataset_dir) / PROVENANCE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return validate.check_provenance(dataset_dir)

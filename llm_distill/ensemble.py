@@ -31,6 +31,7 @@ from .config import EnsembleConfig, config_to_dict
 from .data import (PROVENANCE_FILE, SCHEMA_VERSION, check_output_dir, load_teacher_dataset, publish, staging_dir,
                    write_run_record)
 from .errors import UserError
+from .validate import check_provenance, check_teacher_dataset
 
 
 def combine_topk(topk_ids: list[torch.Tensor], topk_logprobs: list[torch.Tensor], tails: list[torch.Tensor],
@@ -67,10 +68,12 @@ def _load(path: str):
     f = Path(path) / PROVENANCE_FILE
     if not f.is_file():
         raise UserError(f"{path}: not a finished generate/score output (no {PROVENANCE_FILE})")
+    prov = check_provenance(path)
     ds = load_teacher_dataset(path)
     if "topk_token_ids" not in ds.column_names:
         raise UserError(f"{path}: has no teacher top-k (topk_token_ids); write it with generate or score")
-    return ds, json.loads(f.read_text())
+    prov["_k"] = check_teacher_dataset(path, ds, need="kd")["k"]  # NaN, out-of-range ids, ... never reach the mix
+    return ds, prov
 
 
 def _flat(ds, column: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +87,7 @@ def _flat(ds, column: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray
 def main(cfg: EnsembleConfig) -> str:
     from .generate import TOPK_LOGPROB_DTYPE, Completion, dataset_features, rows_table
 
-    check_output_dir(cfg.output_dir, "ensemble", config_to_dict(cfg), cfg.overwrite)
+    check_output_dir(cfg.output_dir, "ensemble", config_to_dict(cfg), cfg.overwrite, cfg.inputs)
     loaded = [_load(p) for p in cfg.inputs]
     (ref, ref_prov), ref_path = loaded[0], cfg.inputs[0]
     ref_ids = ref.data.column("id").to_pylist()
@@ -109,7 +112,7 @@ def main(cfg: EnsembleConfig) -> str:
                 raise UserError(f"{path}: row {ref_ids[i]!r} has other {column} than in {ref_path}; the inputs must "
                                 "hold the same completions, token for token")
         parts.append(ds)
-    ks = [int(p.get("k") or len(ds[0]["topk_token_ids"][0])) for ds, p in loaded]
+    ks = [int(p.pop("_k") or p.get("k") or 1) for ds, p in loaded]
     k = cfg.logprobs or max(ks)
     if k > max(ks):
         raise UserError(f"ensemble: logprobs={k} is more than the largest stored k ({max(ks)})")

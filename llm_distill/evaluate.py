@@ -23,6 +23,7 @@ import torch
 from .config import EvaluateConfig, config_to_dict
 from .data import check_output_dir, encode_prompt, load_prompts, publish, staging_dir, write_run_record
 from .errors import UserError
+from .validate import check_model_dir, one_line
 from .generate import decode_batch
 from .models import (context_length, count_parameters, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
@@ -136,8 +137,8 @@ def load_for_eval(path: str, device, dtype):
 
         try:
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - one line naming the adapter, whatever the loader raised
+            raise UserError(f"{path}: cannot load the LoRA adapter or its base model ({one_line(e)})") from None
         info = {"adapter": True, "trainable_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)}
         model = model.merge_and_unload().to(device).eval()
         tok_path = path if (p / "tokenizer_config.json").is_file() else model.config._name_or_path
@@ -236,18 +237,23 @@ def _per_prompt(runs: list[list[float]]) -> list[float]:
 
 
 def main(cfg: EvaluateConfig) -> dict:
+    models = ([("teacher", cfg.teacher)] if cfg.teacher else []) + list(cfg.students.items())
+    # The output is checked first (writable, not an input, ...): evaluate's work all comes before its write.
+    check_output_dir(cfg.output_dir, "evaluate", config_to_dict(cfg), cfg.overwrite,
+                     [cfg.prompts, cfg.train_prompts] + [path for _, path in models])
     prompts = load_prompts(cfg.prompts, cfg.limit, allow_empty=True)
-    check_output_dir(cfg.output_dir, "evaluate", config_to_dict(cfg), cfg.overwrite)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     refs = [p.reference for p in prompts]
     has_refs = bool(prompts) and all(r is not None for r in refs)
-    models = ([("teacher", cfg.teacher)] if cfg.teacher else []) + list(cfg.students.items())
-    for name, path in models:  # fail before any work on a missing model
+    for name, path in models:  # fail before any work on a missing or broken model
         if not isinstance(path, str) or not path:
             raise UserError(f"evaluate: model '{name}' needs a path")
+        check_model_dir(path, f"model '{name}'")
         if not (Path(path) / "adapter_config.json").is_file():
             load_tokenizer(path)
+    if cfg.train_prompts:
+        load_prompts(cfg.train_prompts)  # read again by the contamination check; refused here, before any model runs
     seeds = cfg.seeds if cfg.temperature > 0 else [0]
     protocol = "greedy" if cfg.temperature == 0 else f"T={cfg.temperature}, top_p={cfg.top_p}, seeds {seeds}"
     backend = resolve_backend(cfg.backend)

@@ -38,6 +38,7 @@ from .config import GenerateConfig, config_to_dict
 from .data import SCHEMA_VERSION, check_output_dir, encode_prompt, load_prompts
 from .errors import UserError
 from .teacher import Completion, check_logprobs, sample_seed  # noqa: F401 (re-exported)
+from .validate import check_model_dir
 from .models import (chat_template_hash, context_length, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
 
@@ -227,6 +228,7 @@ class TransformersBackend:
                  batch_size: int = 16, tokenizer=None):
         import transformers
 
+        check_model_dir(model, "teacher")  # config.json and whole weight files, before anything is loaded
         self.device = resolve_device(device)
         self.tokenizer = tokenizer or load_tokenizer(model)
         self.model = load_model(model, self.device, resolve_dtype(dtype, self.device))
@@ -438,13 +440,16 @@ def filter_long(items: list, lengths: list[int], ctx: int | None, extra: int, po
 def main(cfg: GenerateConfig) -> str:
     """Run the teacher over the prompts and write the dataset; returns the output directory."""
     shard = parse_shard(cfg.shard)
+    inputs = [cfg.prompts, cfg.model]
     if finished(cfg.output_dir) and not cfg.overwrite:
-        check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)  # refuses another run
+        check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite, inputs)  # refuses another run
         shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)  # left if killed right after publishing
         print(f"generate: {cfg.output_dir} is already complete with these settings; nothing to do "
               "(overwrite=true regenerates it)")
         return cfg.output_dir
-    check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite)
+    check_output_dir(cfg.output_dir, "generate", config_to_dict(cfg), cfg.overwrite, inputs)
+    if cfg.backend != "server":  # a served teacher needs only its tokenizer here
+        check_model_dir(cfg.model, "teacher")  # a missing or broken folder is one line, at once
     prompts = load_prompts(cfg.prompts, cfg.limit)
     prompts_sha = sha256_json([[p.id, p.messages] for p in prompts])
     backend = build_backend(cfg)
@@ -473,17 +478,18 @@ def _generate(cfg: GenerateConfig, backend, prompts: list, prompts_sha: str, sha
     progress = Progress("generate", len(kept) * cfg.num_samples, sum(len(chunks[i]) for i in done) * cfg.num_samples)
     if done:
         print(f"generate: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
-    for index, chunk in enumerate(chunks):
-        if index in done:
-            continue
-        outs = backend.generate([encoded[p.id] for p in chunk], [p.id for p in chunk], progress)
-        meta, comps = [], []
-        for p, samples in zip(chunk, outs):
-            for s, c in enumerate(samples):
-                meta.append({"id": f"{p.id}#{s}", "prompt_id": p.id, "messages": p.messages,
-                             "prompt_token_ids": encoded[p.id]})
-                comps.append(c)
-        run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
+    with run.refusing():
+        for index, chunk in enumerate(chunks):
+            if index in done:
+                continue
+            outs = backend.generate([encoded[p.id] for p in chunk], [p.id for p in chunk], progress)
+            meta, comps = [], []
+            for p, samples in zip(chunk, outs):
+                for s, c in enumerate(samples):
+                    meta.append({"id": f"{p.id}#{s}", "prompt_id": p.id, "messages": p.messages,
+                                 "prompt_token_ids": encoded[p.id]})
+                    comps.append(c)
+            run.write_chunk(index, rows_table(meta, comps, tokenizer, k, features))
     did = progress.close()
 
     provenance = {

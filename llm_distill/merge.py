@@ -21,6 +21,7 @@ from .chunks import parse_shard, write_parts
 from .config import MergeConfig, config_to_dict
 from .data import PROVENANCE_FILE, check_output_dir, publish, staging_dir, teacher_tables, write_run_record
 from .errors import UserError
+from .validate import check_provenance, check_teacher_dataset
 
 # Provenance fields every shard must share: they define what a row means. Dates, row counts, backend version
 # and the shard itself may differ.
@@ -29,14 +30,15 @@ MUST_MATCH = ("stage", "schema_version", "teacher", "teacher_revision", "tokeniz
 
 
 def main(cfg: MergeConfig) -> str:
-    check_output_dir(cfg.output_dir, "merge", config_to_dict(cfg), cfg.overwrite)
+    check_output_dir(cfg.output_dir, "merge", config_to_dict(cfg), cfg.overwrite, cfg.inputs)
     provs, seen_shards = [], {}
     for path in cfg.inputs:
         f = Path(path) / PROVENANCE_FILE
         if not f.is_file():
             raise UserError(f"{path}: not a finished generate/score output (no {PROVENANCE_FILE}); finish that shard "
                             "by rerunning its command")
-        prov = json.loads(f.read_text())
+        prov = check_provenance(path)
+        check_teacher_dataset(path, need="kd")  # every part file readable, every value sane, ids unique
         shard = parse_shard(prov.get("shard"))
         if shard is None:
             raise UserError(f"{path}: was not written with shard=i/N; merge joins the shards of one sharded run")

@@ -9,14 +9,30 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .validate import check_model_dir, model_source
+from .validate import one_line as _one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps`; a device this machine does not have is a one-line UserError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device}, but no CUDA device is visible here; use device=auto or device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device={device}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device}, but MPS is not available here; use device=auto or device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{device}' is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -25,19 +41,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).exists()
-
-
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if _looks_local(path) and not Path(path).expanduser().exists():
-        raise UserError(f"{path}: model/tokenizer path not found")
+    source = model_source(path, "model/tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - any loader failure is this path's fault: one line naming it
+        where = "local directory" if source == "local" else "Hub id (not a local path)"
+        raise UserError(f"{path}: cannot load a tokenizer from this {where} ({_one_line(e)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # batching needs a pad id; padded positions are always masked
     return tok
@@ -46,12 +58,13 @@ def load_tokenizer(path: str):
 def load_model(path: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    if _looks_local(path) and not Path(path).expanduser().exists():
-        raise UserError(f"{path}: model path not found")
+    source = model_source(path, "model")
+    check_model_dir(path)  # config.json and whole safetensors files, before the loader reads gigabytes
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001
+        where = "local directory" if source == "local" else "Hub id (not a local path)"
+        raise UserError(f"{path}: cannot load a model from this {where} ({_one_line(e)})") from None
     return model.to(device).eval()
 
 

@@ -18,11 +18,16 @@ from pathlib import Path
 
 from . import evaluate, generate, train
 from .config import EvaluateConfig, GenerateConfig, QuickstartConfig, TrainConfig, load_config
+from .data import read_provenance, write_run_record
 from .errors import UserError
+from .validate import check_output_path
 
 
 def main(cfg: QuickstartConfig) -> dict:
     data, recipes, out = Path(cfg.data_dir), Path(cfg.recipes_dir), Path(cfg.output_dir)
+    # The quickstart replaces its own previous output, and nothing else: an empty directory or one whose run.json
+    # says quickstart, never the working directory or a folder holding the task data or recipes.
+    check_output_path(str(out), "quickstart", [str(data), str(recipes)], overwrite=True)
     for f in (data / "train.jsonl", data / "heldout.jsonl", recipes / "generate.yaml"):
         if not f.exists():
             raise UserError(f"{f}: not found; run the quickstart from the repository root (or set data_dir/recipes_dir)")
@@ -34,7 +39,9 @@ def main(cfg: QuickstartConfig) -> dict:
         with tempfile.TemporaryDirectory() as work:
             train_teacher(data, work)
     if out.exists():
-        shutil.rmtree(out)  # the quickstart owns its output directory
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_run_record(out, "quickstart", dataclasses.asdict(cfg))
     limit = {"limit": cfg.limit} if cfg.limit else {}
 
     gen = load_config(GenerateConfig, str(recipes / "generate.yaml"), values_={
@@ -47,7 +54,11 @@ def main(cfg: QuickstartConfig) -> dict:
             values = {"dataset": gen.output_dir, "output_dir": str(out / f"{kind}-seed{seed}"), "seed": seed}
             if cfg.max_steps:
                 values["max_steps"] = cfg.max_steps
-            train.main(load_config(TrainConfig, str(recipes / f"train_{kind}.yaml"), values_=values))
+            tc = load_config(TrainConfig, str(recipes / f"train_{kind}.yaml"), values_=values)
+            rows = read_provenance(gen.output_dir).get("num_rows") or 0
+            if 0 < rows < tc.micro_batch_size * tc.grad_accum_steps:  # a small `limit`: one step sees every row once
+                tc = dataclasses.replace(tc, micro_batch_size=max(rows // tc.grad_accum_steps, 1))
+            train.main(tc)
             students[f"{'kd' if kind == 'kd' else 'ce_only'}-seed{seed}"] = values["output_dir"]
 
     ev = load_config(EvaluateConfig, str(recipes / "evaluate.yaml"), values_={

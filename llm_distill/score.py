@@ -21,6 +21,7 @@ from .config import ScoreConfig, config_to_dict
 from .data import (_validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
                    read_provenance)
 from .errors import UserError
+from .validate import check_model_dir
 from .generate import (Progress, build_backend, dataset_features, filter_long, rows_table, run_settings,
                        teacher_provenance)
 from .models import tokenizer_hash
@@ -33,26 +34,32 @@ def _records(path: str, limit: int | None):
         raise UserError(f"{path}: responses file not found")
     if p.is_dir():
         ds = load_teacher_dataset(str(p))
+        from .validate import check_teacher_dataset
+
+        cols = set(ds.column_names)
+        check_teacher_dataset(str(p), ds, need="tokens" if {"prompt_token_ids", "completion_token_ids"} <= cols
+                              else "text" if "completion" in cols else "messages")
         keep = [c for c in ("id", "prompt_id", "messages", "completion", "finish_reason", "prompt_token_ids",
                             "completion_token_ids") if c in ds.column_names]
         ds = ds.select_columns(keep)
         for i in range(len(ds) if limit is None else min(limit, len(ds))):
             yield f"{path}: row {i}", ds[i]
         return
+    from .validate import jsonl_lines
+
     n = 0
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and n >= limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
-                                "one JSON object") from None
-            n += 1
-            yield f"{path}:{lineno}", rec
+    for lineno, line in jsonl_lines(path):
+        if limit is not None and n >= limit:
+            return
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                            "one JSON object") from None
+        n += 1
+        yield f"{path}:{lineno}", rec
 
 
 def load_responses(path: str, limit: int | None) -> list[dict]:
@@ -86,12 +93,15 @@ def load_responses(path: str, limit: int | None) -> list[dict]:
 
 def main(cfg: ScoreConfig) -> str:
     shard = parse_shard(cfg.shard)
+    inputs = [cfg.responses, cfg.model]
     if finished(cfg.output_dir) and not cfg.overwrite:
-        check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
+        check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite, inputs)
         shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)
         print(f"score: {cfg.output_dir} is already complete with these settings; nothing to do")
         return cfg.output_dir
-    check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite)
+    check_output_dir(cfg.output_dir, "score", config_to_dict(cfg), cfg.overwrite, inputs)
+    if cfg.backend != "server":  # a served teacher needs only its tokenizer here
+        check_model_dir(cfg.model, "teacher")  # a missing or broken folder is one line, at once
     rows = load_responses(cfg.responses, cfg.limit)
     responses_sha = sha256_json([[r["id"], r["messages"], r["completion"]] for r in rows])
     backend = build_backend(cfg)
@@ -130,12 +140,13 @@ def _score(cfg: ScoreConfig, backend, rows: list, responses_sha: str, shard) -> 
     progress = Progress("score", len(kept), sum(len(chunks[i]) for i in done))
     if done:
         print(f"score: resuming {cfg.output_dir}: {len(done)} of {len(chunks)} chunks already written")
-    for index, chunk in enumerate(chunks):
-        if index in done:
-            continue
-        outs = backend.score([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk],
-                             [r["id"] for r in chunk], progress)
-        run.write_chunk(index, rows_table(chunk, outs, tok, k, features))
+    with run.refusing():
+        for index, chunk in enumerate(chunks):
+            if index in done:
+                continue
+            outs = backend.score([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk],
+                                 [r["id"] for r in chunk], progress)
+            run.write_chunk(index, rows_table(chunk, outs, tok, k, features))
     did = progress.close()
     provenance = {
         **teacher_provenance("score", cfg, backend, tok, k, None),

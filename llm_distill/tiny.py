@@ -79,4 +79,7 @@ def save_tiny_model(path: str | Path, hidden_size: int = 64, num_layers: int = 2
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    from .data import default_permissions
+
+    default_permissions(path)
     return path

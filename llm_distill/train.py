@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, config_to_dict
-from .data import RUN_FILE, encode_prompt, read_provenance, write_run_record
+from .data import RUN_FILE, default_permissions, encode_prompt, read_provenance, write_run_record
 from .errors import UserError
 from .generate import _accepts, _cache_kwarg, _left_pad, _sample_inverse_cdf, decode_batch, sample_seed
 from .losses import (buckets, divergence, fused_head_loss, kd_per_token, minillm_surrogate, restrict_topk,
                      student_buckets, student_logprobs, token_losses)
 from .models import context_length, count_parameters, eos_ids, load_tokenizer, tokenizer_hash
 from .packing import use_packed_sdpa
+from .validate import check_model_dir, check_output_path, check_teacher_dataset, one_line, read_json
 
 
 class TeacherRows(torch.utils.data.Dataset):
@@ -354,10 +355,10 @@ def build_student(cfg: TrainConfig, tokenizer):
     fields.setdefault("bos_token_id", tokenizer.bos_token_id)
     try:
         config = AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"train: student_config is not a valid '{model_type}' config ({e})") from None
-    torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(config)
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError, AssertionError, ...
+        raise UserError(f"train: student_config is not a valid '{model_type}' config ({one_line(e)})") from None
 
 
 def check_alignment(ds, tokenizer, tok_path: str, n: int = 64) -> int:
@@ -398,6 +399,7 @@ def save_student(model, tokenizer, directory: Path, state_dict: dict | None = No
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    default_permissions(tmp)
     directory.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         f.replace(directory / f.name)
@@ -416,19 +418,22 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     Every process calls this (so all of them raise together instead of some waiting forever).
     """
     out = Path(cfg.output_dir)
+    check_output_path(cfg.output_dir, "train", [cfg.dataset, cfg.eval_dataset, cfg.student, cfg.teacher,
+                                                cfg.tokenizer], cfg.overwrite)
     if cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     if not (out / RUN_FILE).is_file():
         raise UserError(f"{out}: output_dir is not empty and was not written by train; choose another output_dir "
                         "or pass overwrite=true")
-    old = json.loads((out / RUN_FILE).read_text())
+    old = read_json(out / RUN_FILE, "run record")
     if old.get("stage") != "train":
         raise UserError(f"{out}: holds a '{old.get('stage')}' run, not 'train'; choose another output_dir")
     new = config_to_dict(cfg)
-    diff = [k for k in sorted(set(old["config"]) | set(new))
-            if k not in RESUMABLE_CHANGES and old["config"].get(k) != new.get(k)]
+    old_cfg = old.get("config") if isinstance(old.get("config"), dict) else {}
+    diff = [k for k in sorted(set(old_cfg) | set(new))
+            if k not in RESUMABLE_CHANGES and old_cfg.get(k) != new.get(k)]
     if diff:
-        what = "; ".join(f"{k}: {old['config'].get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
+        what = "; ".join(f"{k}: {old_cfg.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
         raise UserError(f"{out}: holds a run with other settings ({what}); resuming would not reproduce it - "
                         "choose another output_dir, or pass overwrite=true to start over")
     if (out / STATE_FILE).is_file():
@@ -482,10 +487,36 @@ def _trackers(report_to: str) -> list[str] | None:
 
         has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
         return ["tensorboard"] if has_tb else None
-    return [t.strip() for t in report_to.split(",") if t.strip()]
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for name in names:
+        if name not in known:
+            raise UserError(f"train: report_to '{name}' is not a tracker; use auto, none, or a comma list of "
+                            f"{', '.join(known)}")
+        if not getattr(accelerate.tracking, f"is_{name}_available", lambda: True)():
+            raise UserError(f"train: report_to={name}, but {name} is not installed (pip install {name}); or use "
+                            "report_to=auto")
+    return names
 
 
 def main(cfg: TrainConfig) -> str:
+    """Train; a run refused after it created its output directory (before a checkpoint) removes what it wrote, so
+    that no run.json, metrics or tracker folder is left for a rerun to trip over."""
+    started: dict = {}
+    try:
+        return _train(cfg, started)
+    except UserError:
+        out = Path(cfg.output_dir)
+        if started.get("created") and not (out / STATE_FILE).is_file() \
+                and not any((p / STATE_FILE).is_file() for p in (out / "checkpoints").glob("step-*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, started: dict) -> str:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -509,6 +540,9 @@ def main(cfg: TrainConfig) -> str:
         from .vllm_backend import require_vllm
 
         require_vllm("onpolicy_teacher_backend")  # no vllm or no CUDA: one line now, before any data or model
+    for path, what in ((cfg.student, "student"), (cfg.teacher, "teacher")):
+        if path:
+            check_model_dir(path, what)  # cheap: config.json, whole weight files; before any data is read
 
     def load_teacher_data(path: str):
         if not Path(path).is_dir():
@@ -517,6 +551,8 @@ def main(cfg: TrainConfig) -> str:
 
         try:
             ds = load_teacher_dataset(path)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"{path}: not a datasets directory ({type(e).__name__})") from None
         if len(ds) == 0:
@@ -542,6 +578,18 @@ def main(cfg: TrainConfig) -> str:
                         f"student's {tok_path} ({tokenizer_hash(tokenizer)}); token-level KD needs the same vocabulary "
                         "- use a student of the teacher's family, or set kd_weight=0 for CE on the re-tokenised text")
     retokenize = not same_tokenizer or "prompt_token_ids" not in ds.column_names
+    # Every row, vectorised over the Arrow columns (ids in the vocabulary, k, lengths, logprob values), before
+    # the student is built: a bad row is one line naming it, not a traceback at the step that reads it.
+    need = "kd" if cfg.kd_weight > 0 else "text" if retokenize else "tokens"
+    stored_k = check_teacher_dataset(cfg.dataset, ds, need=need, vocab_size=len(tokenizer))["k"]
+    if cfg.kd_weight > 0 and cfg.kd_topk and stored_k and cfg.kd_topk > stored_k:
+        raise UserError(f"train: kd_topk={cfg.kd_topk} is more than the {stored_k} ids per position stored in "
+                        f"{cfg.dataset}; set kd_topk <= {stored_k} (or leave it empty for all of them)")
+    if cfg.eval_dataset:
+        eval_ds = load_teacher_data(cfg.eval_dataset)
+        if cfg.kd_weight > 0 and "topk_token_ids" not in eval_ds.column_names:
+            raise UserError(f"{cfg.eval_dataset}: eval_dataset has no teacher logprobs (topk_token_ids)")
+        check_teacher_dataset(cfg.eval_dataset, eval_ds, need=need, vocab_size=len(tokenizer))
     resplit = check_alignment(ds, tokenizer, tok_path) if cfg.kd_weight > 0 else 0
 
     model = build_student(cfg, tokenizer)
@@ -556,7 +604,17 @@ def main(cfg: TrainConfig) -> str:
         lora = LoraConfig(r=cfg.lora.get("r", 8), lora_alpha=cfg.lora.get("alpha", 16),
                           lora_dropout=cfg.lora.get("dropout", 0.0), task_type="CAUSAL_LM",
                           target_modules=cfg.lora.get("target_modules", "all-linear"))
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except Exception as e:  # noqa: BLE001 - peft raises ValueError for modules that match nothing, ...
+            first = one_line(e, 160)
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise UserError(f"train: lora.target_modules {cfg.lora.get('target_modules', 'all-linear')!r} do not "
+                            f"apply to this student ({first}); its linear layers are named {', '.join(names)}") from None
+        if cfg.student and Path(cfg.student).exists():
+            # Recorded in adapter_config.json: an absolute path loads the adapter from any working directory.
+            for peft_cfg in model.peft_config.values():
+                peft_cfg.base_model_name_or_path = str(Path(cfg.student).resolve())
     emb = model.get_input_embeddings().weight.shape[0]
     if emb < len(tokenizer):
         raise UserError(f"train: the student's embedding has {emb} rows but the tokenizer has {len(tokenizer)} tokens")
@@ -565,11 +623,14 @@ def main(cfg: TrainConfig) -> str:
     rows = TeacherRows(ds, tokenizer, retokenize, kd, max_len)
     lengths = row_lengths(rows.ds, retokenize)
     global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    if global_batch > len(rows):
+        # Filling a step's batch would repeat every row many times over (100000 rows from 64 exhausts memory).
+        raise UserError(f"train: a step takes micro_batch_size={cfg.micro_batch_size} x grad_accum_steps="
+                        f"{cfg.grad_accum_steps} x {world} process(es) = {global_batch} rows, more than the "
+                        f"{len(rows)} rows of {cfg.dataset}; lower micro_batch_size (at most "
+                        f"{max(len(rows) // (cfg.grad_accum_steps * world), 1)} here) or add data")
     eval_rows = None
     if cfg.eval_dataset:
-        eval_ds = load_teacher_data(cfg.eval_dataset)
-        if kd and "topk_token_ids" not in eval_ds.column_names:
-            raise UserError(f"{cfg.eval_dataset}: eval_dataset has no teacher logprobs (topk_token_ids)")
         if kd and read_provenance(cfg.eval_dataset).get("tokenizer_hash") != prov.get("tokenizer_hash"):
             raise UserError(f"{cfg.eval_dataset}: eval_dataset comes from another tokenizer than dataset")
         eval_rows = TeacherRows(eval_ds, tokenizer, retokenize, kd, max_len)
@@ -628,11 +689,12 @@ def main(cfg: TrainConfig) -> str:
     start = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from / "state"))  # weights, optimiser, scheduler, every process's RNG
-        start = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        start = int(read_json(resume_from / STATE_FILE, "checkpoint state").get("step", 0))
     metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
+        started["created"] = resume_from is None  # a failure from here on removes this fresh directory
         out.mkdir(parents=True, exist_ok=True)
         write_run_record(out, "train", config_to_dict(cfg))
         for stale in (out / "checkpoints").glob(".step-*.tmp"):  # a checkpoint a killed run did not finish

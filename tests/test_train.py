@@ -160,7 +160,8 @@ def test_nan_teacher_logprobs_are_rejected(teacher_data, tmp_path):
     (path / "provenance.json").write_text((teacher_data / "provenance.json").read_text())
     proc = run_cli("train", f"dataset={path}", f"output_dir={tmp_path / 'o'}", *STUDENT_CONFIG, "max_steps=20",
                    "micro_batch_size=24", check=False)
-    assert proc.returncode == 2 and "teacher logprobs contain NaN" in proc.stderr, proc.stderr[-500:]
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "row 0 (id 'q00000#0'), column topk_logprobs, completion position 0: NaN or +inf logprob" in proc.stderr
 
 
 def test_lora_student_adapter_loads_and_exports(teacher_data, tiny_teacher, tmp_path):
