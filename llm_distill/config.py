@@ -438,6 +438,13 @@ class EvaluateConfig:
     """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
     removed: not a folder without that record, nor one holding this run's inputs."""
 
+    teacher_server_urls: list = field(default_factory=list)
+    """The teacher's answers from running vLLM servers (`[http://host:8000/v1, ...]`, as generate's
+    `server_urls`) instead of a local copy: `teacher` is then the local path of its tokenizer, and its row
+    reports no size (the model is not here). Students are always evaluated locally."""
+    teacher_server_model: Optional[str] = None
+    """teacher_server_urls: the served model's name (default: the one model each server serves)."""
+
     def __post_init__(self) -> None:
         _check(bool(self.prompts), "evaluate: 'prompts' is required (held-out JSONL)")
         _check(bool(self.output_dir), "evaluate: 'output_dir' is required")
@@ -462,6 +469,10 @@ class EvaluateConfig:
                f"evaluate: backend '{self.backend}' is not one of auto, transformers, vllm")
         _check(0 < self.gpu_memory_utilization <= 1, "evaluate: gpu_memory_utilization must be in (0, 1]")
         _check(self.limit is None or self.limit >= 1, "evaluate: limit must be >= 1")
+        _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.teacher_server_urls),
+               "evaluate: teacher_server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
+        _check(not self.teacher_server_urls or bool(self.teacher),
+               "evaluate: teacher_server_urls needs teacher= (the local path of the served model's tokenizer)")
 
 
 @dataclass

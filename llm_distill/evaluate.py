@@ -113,6 +113,30 @@ def answer_all_vllm(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]],
     return runs, (statistics.median(times) if times else None)
 
 
+def answer_all_server(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]], k: int, seeds: list[int]):
+    """answer_all_vllm for a teacher behind vLLM servers (teacher_server_urls): per seed (completions, tokens,
+    seconds), then batch-1 latency through the server, and the servers' context length."""
+    from .server_backend import ServerBackend
+
+    client = ServerBackend(path, urls=cfg.teacher_server_urls, served_model=cfg.teacher_server_model, k=k,
+                           temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    try:
+        runs = []
+        for seed in seeds:
+            client.seed = seed  # each request is seeded from (seed, prompt, sample)
+            t0 = time.perf_counter()
+            outs = [c[0] for c in client.generate(prompt_ids)] if prompt_ids else []
+            runs.append((outs, sum(len(c.token_ids) for c in outs), time.perf_counter() - t0))
+        times = []
+        for p in prompt_ids[:cfg.latency_prompts]:
+            t0 = time.perf_counter()
+            client.generate([p])
+            times.append(time.perf_counter() - t0)
+        return runs, (statistics.median(times) if times else None), client.context_length()
+    finally:
+        client.close()
+
+
 def latency(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> float:
     """Median seconds to answer one prompt on its own (batch 1, greedy)."""
     stop = eos_ids(model, tokenizer)
@@ -213,6 +237,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, xkey, xlabel in ((axes[0], "params", "parameters"), (axes[1], "tokens_per_s", "generation tokens/s")):
         for name, m in models.items():
+            if m.get(xkey) is None:  # a served teacher has no local size
+                continue
             ci = m.get(f"{key}_ci") or [m[key], m[key]]
             ax.errorbar(m[xkey], m[key], yerr=[[m[key] - ci[0]], [ci[1] - m[key]]], fmt="o", capsize=3)
             ax.annotate(name, (m[xkey], m[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -249,7 +275,8 @@ def main(cfg: EvaluateConfig) -> dict:
     for name, path in models:  # fail before any work on a missing or broken model
         if not isinstance(path, str) or not path:
             raise UserError(f"evaluate: model '{name}' needs a path")
-        check_model_dir(path, f"model '{name}'")
+        if not (name == "teacher" and cfg.teacher_server_urls):  # a served teacher: only its tokenizer is here
+            check_model_dir(path, f"model '{name}'")
         if not (Path(path) / "adapter_config.json").is_file():
             load_tokenizer(path)
     if cfg.train_prompts:
@@ -280,13 +307,21 @@ def main(cfg: EvaluateConfig) -> dict:
     teacher_examples, teacher_hash = None, None
     for name, path in models:
         is_teacher = name == "teacher" and bool(cfg.teacher)
+        served = is_teacher and bool(cfg.teacher_server_urls)
         engine_runs = None
-        if backend == "vllm" and prompts and not (Path(path) / "adapter_config.json").is_file():
+        if served:  # no local copy: answers, context and latency come from the servers
+            model, tokenizer, info = None, load_tokenizer(path), {"adapter": False}
+            engine_runs = answer_all_server(path, cfg, [encode_prompt(tokenizer, p.messages, path) for p in prompts],
+                                            cfg.logprobs, seeds)
+        elif backend == "vllm" and prompts and not (Path(path) / "adapter_config.json").is_file():
             tok = load_tokenizer(path)
             engine_runs = answer_all_vllm(path, cfg, [encode_prompt(tok, p.messages, path) for p in prompts],
                                           cfg.logprobs if is_teacher else 1, seeds)
-        model, tokenizer, info = load_for_eval(path, device, dtype)
-        m = {"path": path, "params": count_parameters(model)}
+        if not served:
+            model, tokenizer, info = load_for_eval(path, device, dtype)
+        m = {"path": path, "params": count_parameters(model) if model is not None else None}
+        if served:
+            m["servers"] = list(cfg.teacher_server_urls)
         if "disk_bytes" in info:
             m["disk_mb"] = info["disk_bytes"] / 2**20
         if info["adapter"]:
@@ -294,7 +329,7 @@ def main(cfg: EvaluateConfig) -> dict:
         report["models"][name] = m
         if not prompts:
             continue
-        ctx = context_length(model)
+        ctx = engine_runs[2] if served else context_length(model)
         ids = []
         for p in prompts:
             enc = encode_prompt(tokenizer, p.messages, path)
@@ -314,7 +349,7 @@ def main(cfg: EvaluateConfig) -> dict:
             n_tokens, elapsed = n_tokens + n, elapsed + secs
         answers[name] = runs[0]
         m.update(tokens_per_s=n_tokens / max(elapsed, 1e-9), mean_completion_tokens=n_tokens / len(prompts) / len(runs))
-        m["backend"] = "vllm" if engine_runs else "transformers"
+        m["backend"] = "server" if served else "vllm" if engine_runs else "transformers"
         if engine_runs and engine_runs[1] is not None:
             m["latency_s"] = engine_runs[1]
         elif cfg.latency_prompts:
@@ -342,7 +377,7 @@ def main(cfg: EvaluateConfig) -> dict:
             teacher_examples = [{"prompt": pid, "completion": c.token_ids, "topk_ids": c.topk_ids.tolist(),
                                  "topk_logprobs": c.topk_logprobs.tolist(), "tail": c.tail_logprob.tolist(),
                                  "id": p.id} for pid, c, p in zip(ids, first_outs, prompts) if c.token_ids]
-        if teacher_examples and tokenizer_hash(tokenizer) == teacher_hash:
+        if teacher_examples and model is not None and tokenizer_hash(tokenizer) == teacher_hash:
             m["kl"], m["nll"] = teacher_kl(model, tokenizer, teacher_examples, cfg.batch_size)
         elif cfg.teacher:
             report["notes"].append(f"{name}: tokenizer differs from the teacher's; compared at the text level only "

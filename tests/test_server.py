@@ -175,6 +175,23 @@ def test_refusals_before_any_work(servers, tmp_path):
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_evaluate_with_a_served_teacher(servers, tmp_path):
+    """evaluate's teacher behind the servers: the same answers as the local teacher, and students' KL measured
+    against the served teacher's top-k (a copy of the teacher as the student: KL ~ 0)."""
+    heldout = ROOT / "data" / "tiny_task" / "heldout.jsonl"
+    common = [f"teacher={TEACHER}", f"prompts={heldout}", "limit=40", "max_new_tokens=12", "logprobs=5",
+              "latency_prompts=2", "bootstrap=20", "plot=true", f"students={{copy: {TEACHER}}}"]
+    cli("evaluate", *common, urls(servers).replace("server_urls", "teacher_server_urls"),
+        f"output_dir={tmp_path / 'srv'}")
+    cli("evaluate", *common, f"output_dir={tmp_path / 'local'}")
+    srv = json.loads((tmp_path / "srv" / "report.json").read_text())["models"]
+    local = json.loads((tmp_path / "local" / "report.json").read_text())["models"]
+    assert srv["teacher"]["backend"] == "server" and srv["teacher"]["params"] is None
+    assert srv["teacher"]["exact_match"] == local["teacher"]["exact_match"] > 0.5
+    assert srv["copy"]["kl"] == pytest.approx(local["copy"]["kl"], abs=1e-3) and srv["copy"]["kl"] < 1e-3
+    assert (tmp_path / "srv" / "report.png").is_file()
+
+
 def test_a_replica_killed_mid_run_loses_nothing(servers, tmp_path):
     """Sampled generation over two replicas; one is SIGKILLed once the first chunk is written; the run ends on
     the other with every (prompt, sample) exactly once and the tokens of a run on the surviving replica alone
