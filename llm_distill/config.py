@@ -29,6 +29,16 @@ def _check_device(device: str, stage: str) -> None:
            f"{stage}: device '{device}' is not one of auto, cpu, cuda, cuda:N, mps")
 
 
+def _check_server(cfg, stage: str) -> None:
+    """The backend=server fields of generate and score."""
+    _check(cfg.backend != "server" or bool(cfg.server_urls),
+           f"{stage}: backend=server needs server_urls, e.g. server_urls=[http://127.0.0.1:8000/v1]")
+    _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.server_urls),
+           f"{stage}: server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
+    _check(cfg.server_concurrency >= 1 and cfg.server_retries >= 0 and cfg.server_timeout > 0,
+           f"{stage}: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
+
+
 def _check_shard(shard, stage: str) -> None:
     if shard is None:
         return
@@ -120,12 +130,7 @@ class GenerateConfig:
         _check(bool(self.output_dir), "generate: 'output_dir' is required")
         _check(self.backend in ("transformers", "vllm", "server"),
                f"generate: backend '{self.backend}' is not one of transformers, vllm, server")
-        _check(self.backend != "server" or bool(self.server_urls),
-               "generate: backend=server needs server_urls, e.g. server_urls=[http://127.0.0.1:8000/v1]")
-        _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.server_urls),
-               "generate: server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
-        _check(self.server_concurrency >= 1 and self.server_retries >= 0 and self.server_timeout > 0,
-               "generate: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
+        _check_server(self, "generate")
         _check(self.num_samples >= 1, "generate: num_samples must be >= 1")
         _check(self.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy)")
         _check(self.temperature > 0 or self.num_samples == 1,
@@ -570,12 +575,7 @@ class ScoreConfig:
                f"score: on_long_prompt '{self.on_long_prompt}' is not one of error, skip")
         _check(self.backend in ("transformers", "vllm", "server"),
                f"score: backend '{self.backend}' is not one of transformers, vllm, server")
-        _check(self.backend != "server" or bool(self.server_urls),
-               "score: backend=server needs server_urls, e.g. server_urls=[http://127.0.0.1:8000/v1]")
-        _check(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.server_urls),
-               "score: server_urls must be http(s) URLs, e.g. [http://127.0.0.1:8000/v1]")
-        _check(self.server_concurrency >= 1 and self.server_retries >= 0 and self.server_timeout > 0,
-               "score: server_concurrency must be >= 1, server_retries >= 0 and server_timeout > 0")
+        _check_server(self, "score")
         _check(self.tensor_parallel_size >= 1, "score: tensor_parallel_size must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, "score: gpu_memory_utilization must be in (0, 1]")
         _check(self.max_model_len is None or self.max_model_len >= 1, "score: max_model_len must be >= 1")
