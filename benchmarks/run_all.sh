@@ -57,6 +57,7 @@ if [ $QUICK = 1 ]; then
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0
     run quality_seeds        "$LLM" quickstart 'seeds=[0]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py 200 0
+    run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py --seeds 0 1 --max-steps 300 --out runs/bench/kd_vs_ce_quick
 else
     run kd_step              "$PY" benchmarks/kd_step.py 30 8
     run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
@@ -68,6 +69,8 @@ else
     run tail_vs_renormalized "$PY" benchmarks/tail_vs_renormalized.py 5 0,1,2
     run quality_seeds        "$LLM" quickstart 'seeds=[0,1,2]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py
+    run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py
+    run kd_ce_gradients      "$PY" benchmarks/kd_ce_gradients.py runs/bench/kd_vs_ce/teacher_data runs/bench/kd_vs_ce/ce_only-seed0
 fi
 
 for f in "$out"/*.txt; do
