@@ -125,6 +125,21 @@ def main() -> None:
         kci = f" [{km - kh:.3f}, {km + kh:.3f}]" if kh is not None else ""
         print(f"| {name} | {m:.1f}%{ci} | {' / '.join(f'{v:.1f}' for v in em)} | {km:.3f}{kci} | "
               f"{' / '.join(f'{v:.3f}' for v in kl)} |")
+    # Optimisation per run, from each student's metrics.jsonl: pre-clipping gradient norm, share of steps clipped
+    # at max_grad_norm (over the run, and over its last fifth), train CE of the last logged window.
+    print("\n| student | grad norm, mean over steps | clipped steps | clipped, last 20% of steps | final train CE |")
+    print("|---|---:|---:|---:|---:|")
+    for name in arms:
+        logs = [[json.loads(l) for l in (out / f"{name}-seed{s}" / "metrics.jsonl").open()] for s in a.seeds]
+        logs = [[m for m in run if "grad_norm" in m] for run in logs]
+        tail = [run[len(run) * 4 // 5:] for run in logs]
+        mean = lambda runs, k: statistics.mean(statistics.mean(m[k] for m in run) for run in runs)  # noqa: E731
+        results["students"][name].update(grad_norm=mean(logs, "grad_norm"), clip_fraction=mean(logs, "clip_fraction"),
+                                         clip_fraction_last=mean(tail, "clip_fraction"),
+                                         train_ce=[run[-1]["ce"] for run in logs])
+        r = results["students"][name]
+        print(f"| {name} | {r['grad_norm']:.2f} | {r['clip_fraction']:.0%} | {r['clip_fraction_last']:.0%} | "
+              f"{' / '.join(f'{v:.3f}' for v in r['train_ce'])} |")
     if "ce_only" in arms and len(arms) > 1:
         print("\n| vs ce_only (paired by seed) | exact match difference, mean [95% CI] | seeds ahead | KL lower in |")
         print("|---|---:|---:|---:|")
