@@ -61,6 +61,7 @@ if [ $QUICK = 1 ]; then
     run quality_seeds        "$LLM" quickstart 'seeds=[0]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py 200 0
     [ -x "$VLLM_PY" ] && run vllm_throughput "$VLLM_PY" benchmarks/vllm_throughput.py --prompts 32 --new-tokens 32
+    run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py --seeds 0 1 --max-steps 300 --out runs/bench/kd_vs_ce_quick
 else
     run kd_step              "$PY" benchmarks/kd_step.py 30 8
     run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
@@ -74,6 +75,8 @@ else
     run quality_seeds        "$LLM" quickstart 'seeds=[0,1,2]' output_dir=runs/bench/quality_seeds
     [ -f benchmarks/onpolicy_vs_offline.py ] && run onpolicy_vs_offline "$PY" benchmarks/onpolicy_vs_offline.py
     [ -x "$VLLM_PY" ] && run vllm_throughput "$VLLM_PY" benchmarks/vllm_throughput.py
+    run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py
+    run kd_ce_gradients      "$PY" benchmarks/kd_ce_gradients.py runs/bench/kd_vs_ce/teacher_data runs/bench/kd_vs_ce/ce_only-seed0
 fi
 
 for f in "$out"/*.txt; do

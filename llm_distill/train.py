@@ -827,7 +827,9 @@ def _train(cfg: TrainConfig, started: dict) -> str:
 
     def new_window() -> dict:
         return {"sums": torch.zeros(4, dtype=acc_dtype, device=accelerator.device),  # kd, ce, op_kd, op_rkl
-                "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter(), "op_steps": 0, "op_tokens": 0}
+                "tokens": 0, "seen": 0, "positions": 0, "t0": time.perf_counter(), "op_steps": 0, "op_tokens": 0,
+                "norms": torch.zeros(3, dtype=acc_dtype, device=accelerator.device),  # norm sum, clipped, steps
+                "norm_max": torch.zeros((), dtype=acc_dtype, device=accelerator.device)}
 
     window = new_window()
     for step in range(start + 1, cfg.max_steps + 1):
@@ -854,8 +856,15 @@ def _train(cfg: TrainConfig, started: dict) -> str:
                 accelerator.backward(loss)
             kd_step = kd_step + kd_sum.detach().float()
             ce_step = ce_step + ce_sum.detach().float()
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(step_loss.parameters(), cfg.max_grad_norm)
+        # The pre-clipping norm is logged either way (inf = measure only): how often clipping acts, and by how
+        # much, tells whether the loss weights move the effective step size.
+        norm = accelerator.clip_grad_norm_(step_loss.parameters(),
+                                           cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if norm is not None:  # DeepSpeed clips inside its own step and returns no norm
+            norm = norm.detach().to(device=accelerator.device, dtype=acc_dtype)
+            clipped = (norm > cfg.max_grad_norm).to(acc_dtype) if cfg.max_grad_norm > 0 else norm * 0.0
+            window["norms"] += torch.stack([norm, clipped, norm * 0.0 + 1.0])
+            window["norm_max"] = torch.maximum(window["norm_max"], norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -878,6 +887,10 @@ def _train(cfg: TrainConfig, started: dict) -> str:
                    "completion_tokens": window["tokens"], "tokens_per_s": seen / max(elapsed, 1e-9),
                    "padding_fraction": 1 - seen / max(positions, 1)}
             rec["loss"] = cfg.kd_weight * rec["kd"] + cfg.ce_weight * rec["ce"]
+            norm_sum, clipped, norm_steps = window["norms"].tolist()  # already global: grads are all-reduced
+            if norm_steps:
+                rec.update(grad_norm=norm_sum / norm_steps, grad_norm_max=float(window["norm_max"]),
+                           clip_fraction=clipped / norm_steps)
             if cfg.onpolicy_fraction > 0:
                 op_tokens = max(window["op_tokens"], 1)
                 rec.update(onpolicy_steps=window["op_steps"], onpolicy_tokens=window["op_tokens"])

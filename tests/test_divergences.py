@@ -166,3 +166,25 @@ def test_token_losses_only_count_labelled_positions():
     assert abs(float(kd)) < 1e-5  # teacher == student at labelled positions
     ref = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
     assert torch.allclose(ce, ref)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_float16_rounded_teacher_buckets_are_renormalised(name):
+    """Stored float16 top-k logprobs plus a float32 tail need not sum to 1: each divergence must still be >= 0,
+    0 for the student that equals the (normalised) teacher, and its gradient must vanish there (unnormalised,
+    forward KL's gradient is (sum P) Q - P there)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 40, generator=g, dtype=torch.float64) * 3
+    ids, top, tail = teacher_buckets(logits, 8)
+    top = top + torch.where(torch.arange(8) == 0, 2e-3, 0.0)  # as if the top-1 rounded up: buckets sum past 1
+    assert float(buckets(top, tail).exp().sum(-1).min()) > 1.0
+    t = buckets(top, tail)
+    t = t - t.logsumexp(-1, keepdim=True)  # the normalised teacher
+    z = t.clone().requires_grad_(True)  # the student's bucket logits (N, k + 1)
+    s = torch.log_softmax(z, -1)
+    d = kd_per_token(s[:, :8], s[:, 8], top, tail, divergences={name: 1.0})
+    assert float(d.min()) >= -1e-6
+    assert float(d.abs().max()) < 1e-5
+    if name != "tvd":  # |P - Q| has no gradient at P = Q
+        d.sum().backward()
+        assert float(z.grad.abs().max()) < 1e-5

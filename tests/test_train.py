@@ -22,6 +22,10 @@ def test_kd_student_saves_loads_and_chats(teacher_data, tmp_path):
     assert [m["step"] for m in metrics] == [3, 6, 9, 12]
     assert all(m["kd"] > 0 and m["ce"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # Pre-clipping gradient norm (mean and max over the logged steps) and the share of steps clipped at 1.0.
+    assert all(0 < m["grad_norm"] <= m["grad_norm_max"] and 0 <= m["clip_fraction"] <= 1 for m in metrics)
+    assert all(m["grad_norm"] > 1 for m in metrics if m["clip_fraction"] == 1)
+    assert all(m["grad_norm_max"] <= 1 for m in metrics if m["clip_fraction"] == 0)
     assert (out / "checkpoints" / "step-000006" / "model.safetensors").is_file()
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -46,10 +50,13 @@ def test_loss_is_invariant_to_micro_batch_split(teacher_data, tmp_path):
         run_cli("train", f"dataset={teacher_data}", f"output_dir={out}", *STUDENT_CONFIG, "max_steps=3",
                 f"micro_batch_size={mb}", f"grad_accum_steps={accum}", "learning_rate=1e-2",
                 "lr_scheduler=constant", "max_grad_norm=0", "log_every=1")
-        runs[(mb, accum)] = (_weights(out), [json.loads(l)["loss"] for l in (out / "metrics.jsonl").open()])
-    ref_w, ref_loss = runs[(4, 1)]
-    for key, (w, loss) in runs.items():
+        logs = [json.loads(l) for l in (out / "metrics.jsonl").open()]
+        runs[(mb, accum)] = (_weights(out), [m["loss"] for m in logs], [m["grad_norm"] for m in logs])
+        assert all(m["clip_fraction"] == 0 for m in logs), "max_grad_norm=0 measures the norm and never clips"
+    ref_w, ref_loss, ref_norm = runs[(4, 1)]
+    for key, (w, loss, norm) in runs.items():
         assert loss == __import__("pytest").approx(ref_loss, rel=1e-5), key
+        assert norm == __import__("pytest").approx(ref_norm, rel=1e-4), key  # the whole step's gradient
         for name in ref_w:
             # float32 sums in another order, then AdamW's division by sqrt(v): ~1e-6 apart after 3 steps
             assert torch.allclose(w[name], ref_w[name], atol=1e-5), (key, name)
@@ -113,6 +120,7 @@ def test_two_process_ddp_matches_single_process(teacher_data, tmp_path):
     for a, b in zip(one, two):
         assert a["completion_tokens"] == b["completion_tokens"]
         assert b["loss"] == __import__("pytest").approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == __import__("pytest").approx(a["grad_norm"], rel=1e-4)  # the all-reduced gradient's
     # Held-out loss: each process scores its share of the rows and the sums are gathered.
     assert [m["step"] for m in two if "eval_loss" in m] == [2, 3]
     for a, b in zip(one[1:], two[1:]):
