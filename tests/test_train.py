@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,11 +96,21 @@ def launch_two_processes(*train_args) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           "recipes/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
-                           "--main_process_port", str(port), "-m", "llm_distill", "train", *train_args],
-                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                          cwd=Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/multi_gpu_ddp.yaml",
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "llm_distill",
+           "train", *train_args]
+    # Its own process group with a deadline: a rank left waiting in a collective (its peer gone) fails the test
+    # instead of hanging the suite.
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TQDM_DISABLE": "1"}, cwd=Path(__file__).resolve().parents[1],
+                                start_new_session=True)
+    try:
+        out, err = launcher.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        out, err = launcher.communicate()
+        raise AssertionError(f"2-process run did not finish in 900 s:\n{err[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, launcher.returncode, out, err)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
