@@ -924,5 +924,10 @@ def _train(cfg: TrainConfig, started: dict) -> str:
         # Written last: its presence means the final student is complete (a rerun then refuses to resume).
         (out / STATE_FILE).write_text(json.dumps({"step": cfg.max_steps, "finished": True}))
         print(f"train: saved student -> {out}")
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    # All processes leave together, and the process group is not torn down: the main process hosts the rendezvous
+    # store, and a process that destroys its group after the main one has exited waits on that store forever
+    # (seen under load: rank 1 hung at the end of a finished 2-process run). Exiting frees it all the same.
+    accelerator.wait_for_everyone()
     return str(out)
