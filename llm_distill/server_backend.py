@@ -165,7 +165,7 @@ class ServerBackend:
                             "; start them (vllm serve ...) or fix server_urls")
         for rep in self.replicas:
             if not rep.alive:
-                print(f"generate: warning: {rep.url} does not answer ({rep.error}); going on with "
+                print(f"backend=server: warning: {rep.url} does not answer ({rep.error}); going on with "
                       f"{len(live)} of {len(self.replicas)} replicas", file=sys.stderr)
         if len({r.model for r in live}) > 1:
             raise UserError("backend=server: the replicas serve different models: " +
@@ -250,7 +250,7 @@ class ServerBackend:
                         with self._lock:
                             if rep.alive:
                                 rep.alive, rep.error = False, str(e)
-                                print(f"generate: warning: dropped {rep.url} ({e}); its requests go to the other "
+                                print(f"backend=server: warning: dropped {rep.url} ({e}); its requests go to the other "
                                       "replicas", file=sys.stderr)
                         return
                     except _Refused as e:
