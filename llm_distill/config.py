@@ -398,9 +398,16 @@ class EvaluateConfig:
     """`llm-distill evaluate`: teacher and students on held-out prompts, one report."""
 
     prompts: str = ""
-    """Held-out prompts (JSONL or datasets directory); a `reference` field enables exact match."""
+    """Held-out prompts (JSONL or datasets directory); a `reference` field enables exact match, and
+    `references: [...]` (every right answer of a question with several) makes an answer in that set count."""
     output_dir: str = ""
     """Where `report.json`, `report.md` and `examples.jsonl` are written."""
+    answer_samples: int = 0
+    """> 0: besides the main protocol, sample this many answers per prompt at T = 1 from every model and report
+    their answer distributions: `sampled_exact_match` (share of samples that are right), `answer_coverage`
+    (distinct right answers sampled per prompt, as a share of min(set size, samples)) and `answer_tv` (total
+    variation between the model's and the teacher's empirical answer distributions, mean over prompts; the
+    teacher's own row compares two independent draws, the floor that sampling noise sets)."""
     teacher: Optional[str] = None
     """Teacher model directory: its answers are the target of ROUGE-L, agreement and KL."""
     students: dict = field(default_factory=dict)
@@ -468,6 +475,8 @@ class EvaluateConfig:
                    f"evaluate: normalization '{mode}' is not one of whitespace, lower, number")
         _check(self.bootstrap >= 0 and self.latency_prompts >= 0, "evaluate: bootstrap and latency_prompts must be >= 0")
         _check(self.logprobs >= 1, "evaluate: logprobs must be >= 1")
+        _check(isinstance(self.answer_samples, int) and self.answer_samples >= 0,
+               "evaluate: answer_samples must be an integer >= 0 (0 = no answer-distribution metrics)")
         _check_device(self.device, "evaluate")
         for name, path in self.students.items():
             _check(isinstance(path, str) and bool(path), f"evaluate: students.{name} must be a model path, got {path!r}")

@@ -36,6 +36,13 @@ class Prompt:
     reference: Optional[str]
     where: str  # "file:line" for error messages
     task: Optional[str] = None
+    references: Optional[list] = None  # every right answer, when there are several
+
+    def valid_answers(self) -> Optional[list]:
+        """What exact match accepts: `references` and `reference` together (None without either)."""
+        if self.references is None:
+            return None if self.reference is None else [self.reference]
+        return self.references + ([self.reference] if self.reference is not None else [])
 
 
 def _validate_record(rec, where: str, index: int) -> Prompt:

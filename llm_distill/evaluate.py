@@ -3,11 +3,13 @@
     llm-distill evaluate recipes/tiny/evaluate.yaml students.kd=runs/quickstart/kd-seed0
 
 Every model (full directory or LoRA adapter) answers every prompt, greedily or sampled over several seeds.
-Per model: exact match against references (normalised per task type) and ROUGE-L F1 against references and
-against the teacher's answers (`rouge-score`), agreement with the teacher, mean token KL(teacher || student) and
-NLL of the teacher's held-out completions (same tokenizer only), parameters, size on disk, generation tokens/s
-and per-prompt latency; 95% bootstrap intervals over prompts. Writes report.json, report.md, report.png
-(quality vs size and speed) and examples.jsonl (every answer side by side).
+Per model: exact match against references (normalised per task type; with `references: [...]` an answer in the
+set of right answers counts) and ROUGE-L F1 against references and against the teacher's answers
+(`rouge-score`), agreement with the teacher, mean token KL(teacher || student) and NLL of the teacher's held-out
+completions (same tokenizer only), parameters, size on disk, generation tokens/s and per-prompt latency; with
+`answer_samples`, the answer distributions sampled at T = 1 (share right, right answers covered, total variation
+to the teacher's); 95% bootstrap intervals over prompts. Writes report.json, report.md, report.png (quality vs
+size and speed) and examples.jsonl (every answer side by side).
 """
 
 from __future__ import annotations
@@ -40,11 +42,36 @@ def normalize_answer(text: str, mode: str = "whitespace") -> str:
     return out.lower() if mode == "lower" else out
 
 
-def rouge_l(targets: list[str], predictions: list[str]) -> list[float]:
+def rouge_l(targets: list, predictions: list[str]) -> list[float]:
+    """ROUGE-L F1 per pair; a target that is a list (several right answers) scores against the best of them."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    return [scorer.score(t, p)["rougeL"].fmeasure for t, p in zip(targets, predictions)]
+    return [scorer.score_multi(t, p)["rougeL"].fmeasure if isinstance(t, list) else
+            scorer.score(t, p)["rougeL"].fmeasure for t, p in zip(targets, predictions)]
+
+
+def is_right(answer: str, valid: list[str], mode: str) -> float:
+    """1.0 when the normalised answer equals any normalised right answer."""
+    a = normalize_answer(answer, mode)
+    return float(any(a == normalize_answer(v, mode) for v in valid))
+
+
+def sample_answers(model, tokenizer, prompt_ids: list[list[int]], n: int, max_new_tokens: int, batch_size: int,
+                   seed: int) -> list[list[str]]:
+    """n answers per prompt sampled at T = 1 (the model's own distribution): (prompts,) -> (prompts, n)."""
+    flat = [p for p in prompt_ids for _ in range(n)]
+    outs, _, _ = answer_all(model, tokenizer, flat, max_new_tokens, batch_size, 1, temperature=1.0, seed=seed)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def total_variation(a: list[str], b: list[str]) -> float:
+    """Total variation distance between two empirical answer distributions (equal-size samples)."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(ca[x] / len(a) - cb[x] / len(b)) for x in ca.keys() | cb.keys())
 
 
 def bootstrap_ci(values: list[float], resamples: int, seed: int = 0) -> list[float] | None:
@@ -204,7 +231,9 @@ def teacher_kl(model, tokenizer, examples: list[dict], batch_size: int) -> tuple
 COLUMNS = [("params", "params", "{:,}"), ("disk_mb", "MB on disk", "{:.1f}"),
            ("exact_match", "exact match [95% CI]", "{:.1%}"), ("rouge_l_vs_reference", "ROUGE-L vs ref", "{:.3f}"),
            ("rouge_l_vs_teacher", "ROUGE-L vs teacher", "{:.3f}"), ("agreement", "agrees w/ teacher", "{:.1%}"),
-           ("kl", "KL(T‖S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"), ("tokens_per_s", "gen tok/s", "{:.0f}"),
+           ("sampled_exact_match", "exact, sampled T=1", "{:.1%}"), ("answer_coverage", "right answers covered",
+                                                                      "{:.1%}"),
+           ("answer_tv", "TV to teacher's answers", "{:.3f}"), ("kl", "KL(T‖S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"), ("tokens_per_s", "gen tok/s", "{:.0f}"),
            ("latency_s", "latency/prompt", "{:.3f}s")]
 
 
@@ -270,7 +299,7 @@ def main(cfg: EvaluateConfig) -> dict:
     prompts = load_prompts(cfg.prompts, cfg.limit, allow_empty=True)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    refs = [p.reference for p in prompts]
+    refs = [p.valid_answers() for p in prompts]  # (prompts, right answers)
     has_refs = bool(prompts) and all(r is not None for r in refs)
     for name, path in models:  # fail before any work on a missing or broken model
         if not isinstance(path, str) or not path:
@@ -304,6 +333,7 @@ def main(cfg: EvaluateConfig) -> dict:
             print(f"evaluate: warning: {len(leaked)} held-out prompts also appear in the training prompts")
     modes = [cfg.task_normalization.get(p.task, cfg.normalization) for p in prompts]
     answers: dict[str, list[str]] = {}
+    teacher_samples: list[list[str]] | None = None  # (prompts, answer_samples), normalised
     teacher_examples, teacher_hash = None, None
     for name, path in models:
         is_teacher = name == "teacher" and bool(cfg.teacher)
@@ -356,14 +386,34 @@ def main(cfg: EvaluateConfig) -> dict:
             m["latency_s"] = latency(model, tokenizer, ids[:cfg.latency_prompts], cfg.max_new_tokens)
         scores: dict[str, list[float]] = {}
         if has_refs:
-            scores["exact_match"] = _per_prompt([[float(normalize_answer(t, md) == normalize_answer(r, md))
-                                                  for t, r, md in zip(texts, refs, modes)] for texts in runs])
+            scores["exact_match"] = _per_prompt([[is_right(t, r, md) for t, r, md in zip(texts, refs, modes)]
+                                                 for texts in runs])
             scores["rouge_l_vs_reference"] = _per_prompt([rouge_l(refs, texts) for texts in runs])
         if cfg.teacher:
             scores["rouge_l_vs_teacher"] = _per_prompt([rouge_l(answers["teacher"], texts) for texts in runs])
             scores["agreement"] = _per_prompt([[float(normalize_answer(a, md) == normalize_answer(b, md))
                                                 for a, b, md in zip(answers["teacher"], texts, modes)]
                                                for texts in runs])
+        if cfg.answer_samples and model is not None:
+            n = cfg.answer_samples
+            drawn = [[normalize_answer(t, md) for t in texts] for texts, md in
+                     zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=1), modes)]
+            if has_refs:
+                scores["sampled_exact_match"] = [sum(is_right(t, r, md) for t in d) / n
+                                                 for d, r, md in zip(drawn, refs, modes)]
+                scores["answer_coverage"] = [len({t for t in d if is_right(t, r, md)}) / min(len(set(r)), n)
+                                             for d, r, md in zip(drawn, refs, modes)]
+            if is_teacher:  # a second, independent draw of the teacher: the floor of answer_tv
+                teacher_samples = drawn
+                again = [[normalize_answer(t, md) for t in texts] for texts, md in
+                         zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=2),
+                             modes)]
+                scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, again)]
+            elif teacher_samples is not None:
+                scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, teacher_samples)]
+        elif cfg.answer_samples and is_teacher:
+            report["notes"].append("answer_samples: the served teacher is not sampled (no local copy); "
+                                   "answer_tv not computed")
         for key, vals in scores.items():
             m[key] = sum(vals) / len(vals)
             m[f"{key}_ci"] = bootstrap_ci(vals, cfg.bootstrap)
@@ -395,7 +445,8 @@ def main(cfg: EvaluateConfig) -> dict:
     with (tmp / "examples.jsonl").open("w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"id": p.id, "task": p.task, "prompt": p.messages[-1]["content"],
-                                "reference": p.reference, **{n: answers[n][i] for n in answers}}) + "\n")
+                                "reference": p.reference, **({"references": p.references} if p.references else {}),
+                                **{n: answers[n][i] for n in answers}}) + "\n")
     if cfg.plot and prompts:
         plot(report, tmp / "report.png")
     write_run_record(tmp, "evaluate", config_to_dict(cfg))

@@ -1,12 +1,22 @@
-"""The bundled synthetic chat task: short questions with exact answers, and its tiny teacher.
+"""The bundled synthetic chat tasks and their tiny teachers.
 
     python data/tiny_task/make.py        # rewrites data/tiny_task/{train,heldout}.jsonl and trains teacher/
+    python data/choice_task/make.py      # the same for the second task, data/choice_task/
 
-Four task types of graded difficulty, all answerable character by character:
+`exact` (data/tiny_task): four task types of graded difficulty, each question with one right answer:
     add      "What is 47+85?"                 -> "132"   (two-digit operands)
     reverse  "Reverse the letters: planet"    -> "tenalp"
     sort     "Sort the digits: 5183"          -> "1358"
     max      "Which is larger, 47 or 85?"     -> "85"
+
+`choice` (data/choice_task): four task types whose questions have several right answers; the teacher is trained
+on a uniformly drawn right answer per question, so it learns a distribution over them (as a chat model does over
+phrasings), and a student is good when it has learned the whole set, not one arbitrary member of it:
+    between  "Name a number between 123 and 131."        -> any of 124 ... 130
+    letter   "Name a letter in: planet"                   -> any of p, l, a, n, e, t
+    multiple "Name a multiple of 7 between 30 and 60."    -> any of 35, 42, 49, 56
+    shuffle  "Shuffle the letters: tca"                   -> any ordering of t, c, a
+Held-out rows carry `references`, the full set of right answers; exact match counts an answer in the set.
 """
 
 from __future__ import annotations
@@ -17,11 +27,15 @@ import shutil
 import string
 from pathlib import Path
 
+import itertools
+
 TASKS = ("add", "reverse", "sort", "max")
+CHOICE_TASKS = ("between", "letter", "multiple", "shuffle")
+FAMILIES = {"exact": TASKS, "choice": CHOICE_TASKS}
 
 
 def make_example(rng: random.Random, task: str) -> tuple[str, str]:
-    """One (question, answer) pair of the given task type."""
+    """One (question, answer) pair of an `exact` task type."""
     if task == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"What is {a}+{b}?", str(a + b)
@@ -37,24 +51,53 @@ def make_example(rng: random.Random, task: str) -> tuple[str, str]:
     raise ValueError(task)
 
 
+def make_choice_example(rng: random.Random, task: str) -> tuple[str, list[str]]:
+    """One (question, every right answer) pair of a `choice` task type; answers in a fixed order."""
+    if task == "between":
+        a = rng.randint(100, 980)
+        b = a + rng.randint(3, 12)
+        return f"Name a number between {a} and {b}.", [str(x) for x in range(a + 1, b)]
+    if task == "letter":
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+        return f"Name a letter in: {w}", sorted(set(w))
+    if task == "multiple":
+        k = rng.randint(3, 9)
+        lo = rng.randint(10, 80)
+        hi = lo + rng.randint(2 * k, 4 * k)  # at least two multiples inside
+        return f"Name a multiple of {k} between {lo} and {hi}.", [str(x) for x in range(lo + 1, hi) if x % k == 0]
+    if task == "shuffle":
+        w = "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 5)))
+        return f"Shuffle the letters: {w}", sorted("".join(p) for p in itertools.permutations(w))
+    raise ValueError(task)
+
+
 def make_records(n: int, seed: int, exclude: set[str] = frozenset(), prefix: str = "q",
-                 distinct: bool = True) -> list[dict]:
-    """n prompts in the JSONL schema (`id`, `task`, `messages`, `reference`), none in `exclude`.
+                 distinct: bool = True, family: str = "exact") -> list[dict]:
+    """n prompts in the JSONL schema (`id`, `task`, `messages`, `reference`; `choice` rows also `references`,
+    every right answer, with `reference` one of them drawn at random), none in `exclude`.
 
     `distinct=False` allows repeats (the teacher's large training draw exceeds the two-digit additions).
     """
     rng = random.Random(seed)
     seen = set(exclude)
+    tasks = FAMILIES[family]
     out = []
     while len(out) < n:
-        task = TASKS[len(out) % len(TASKS)]
-        q, a = make_example(rng, task)
+        task = tasks[len(out) % len(tasks)]
+        if family == "exact":
+            q, refs = make_example(rng, task)
+        else:
+            q, refs = make_choice_example(rng, task)
         if q in seen:
             continue
         if distinct:
             seen.add(q)
-        out.append({"id": f"{prefix}{len(out):05d}", "task": task,
-                    "messages": [{"role": "user", "content": q}], "reference": a})
+        rec = {"id": f"{prefix}{len(out):05d}", "task": task, "messages": [{"role": "user", "content": q}]}
+        if family == "exact":
+            rec["reference"] = refs
+        else:
+            rec.update(reference=rng.choice(refs), references=refs)
+        out.append(rec)
     return out
 
 
@@ -65,21 +108,27 @@ def write_jsonl(records: list[dict], path: Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def build_task(data_dir: str | Path, n_train: int = 5000, n_heldout: int = 400, seed: int = 1234) -> None:
+def build_task(data_dir: str | Path, n_train: int = 5000, n_heldout: int = 400, seed: int = 1234,
+               family: str = "exact") -> None:
     """Write held-out and distillation-train prompt sets (disjoint questions)."""
     data_dir = Path(data_dir)
-    heldout = make_records(n_heldout, seed, prefix="h")
-    train = make_records(n_train, seed + 1, exclude={r["messages"][0]["content"] for r in heldout}, prefix="t")
+    heldout = make_records(n_heldout, seed, prefix="h", family=family)
+    train = make_records(n_train, seed + 1, exclude={r["messages"][0]["content"] for r in heldout}, prefix="t",
+                         family=family)
+    if family == "choice":  # the distiller's prompts need no answers (the teacher gives them); the file stays small
+        for r in train:
+            r.pop("references"), r.pop("reference")
     write_jsonl(heldout, data_dir / "heldout.jsonl")
     write_jsonl(train, data_dir / "train.jsonl")
 
 
 def train_teacher(data_dir: str | Path, work_dir: str | Path, n_examples: int = 40000, max_steps: int = 3000,
-                  seed: int = 7) -> Path:
+                  seed: int = 7, family: str = "exact") -> Path:
     """Train the tiny teacher with `llm-distill train` (CE only) on its own labelled questions.
 
     The teacher's data is drawn fresh (not the students' train prompts and not held-out questions), like a
-    real teacher whose training data the distiller never sees.
+    real teacher whose training data the distiller never sees. A `choice` question's label is one right answer
+    drawn uniformly per example, so the teacher learns a distribution over the right answers.
     """
     from datasets import Dataset
 
@@ -92,7 +141,7 @@ def train_teacher(data_dir: str | Path, work_dir: str | Path, n_examples: int = 
     for split in ("heldout", "train"):
         with (data_dir / f"{split}.jsonl").open() as f:
             avoid |= {json.loads(line)["messages"][0]["content"] for line in f}
-    recs = make_records(n_examples, seed + 100, exclude=avoid, prefix="x", distinct=False)
+    recs = make_records(n_examples, seed + 100, exclude=avoid, prefix="x", distinct=False, family=family)
     sft = work_dir / "teacher_sft"
     Dataset.from_list([{"messages": r["messages"], "completion": r["reference"]} for r in recs]).save_to_disk(str(sft))
     tok_dir = work_dir / "char_tokenizer"

@@ -49,7 +49,7 @@ def one_line(e: BaseException, limit: int = 240) -> str:
 
 
 def prompt_record(rec, where: str, index: int, prompt_cls):
-    """One prompt (`{"messages": [...], "id"?, "reference"?, "task"?}`) -> `prompt_cls(...)`, or a UserError at
+    """One prompt (`{"messages": [...], "id"?, "reference"?, "references"?, "task"?}`) -> `prompt_cls(...)`, or a UserError at
     `where` (file:line or dataset row)."""
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object with 'messages', got {type(rec).__name__}")
@@ -71,6 +71,10 @@ def prompt_record(rec, where: str, index: int, prompt_cls):
     ref = rec.get("reference")
     if ref is not None and not isinstance(ref, str):
         raise UserError(f"{where}: 'reference' must be a string")
+    refs = rec.get("references")
+    if refs is not None and (not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs)):
+        raise UserError(f"{where}: 'references' must be a non-empty list of strings (every right answer), "
+                        f"got {json.dumps(refs)[:60]}")
     task = rec.get("task")
     if task is not None and not isinstance(task, str):
         raise UserError(f"{where}: 'task' must be a string (a task type name), got {type(task).__name__}")
@@ -78,7 +82,7 @@ def prompt_record(rec, where: str, index: int, prompt_cls):
     if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
         raise UserError(f"{where}: 'id' must be a non-empty string or an integer, got {pid!r}")
     return prompt_cls(id=str(pid), messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
-                      reference=ref, where=where, task=task)
+                      reference=ref, where=where, task=task, references=refs)
 
 
 def jsonl_lines(path: str):

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_cli, write_lines
 
-from llm_distill.evaluate import normalize_answer, rouge_l
+from llm_distill.evaluate import is_right, normalize_answer, rouge_l, total_variation
 
 
 def test_answer_normalisation_and_rouge():
@@ -15,6 +15,15 @@ def test_answer_normalisation_and_rouge():
     assert rouge_l(["the cat sat"], ["the cat sat"]) == [1.0]
     assert rouge_l(["a b c d"], ["a b x y"])[0] == pytest.approx(0.5)
     assert rouge_l(["abc"], ["xyz"]) == [0.0]
+    assert rouge_l([["xyz", "the cat sat"]], ["the cat sat"]) == [1.0]  # the best of several references
+
+
+def test_answer_sets_and_total_variation():
+    assert is_right(" 42 ", ["41", "42"], "whitespace") == 1.0 and is_right("43", ["41", "42"], "whitespace") == 0.0
+    assert is_right("The answer is 42.", ["42"], "number") == 1.0
+    assert total_variation(["a", "a", "b", "b"], ["a", "a", "b", "b"]) == 0.0
+    assert total_variation(["a", "a"], ["b", "b"]) == 1.0
+    assert total_variation(["a", "a", "a", "b"], ["a", "b", "b", "c"]) == pytest.approx(0.5)  # |.75-.25|/2+|.25-.5|/2+.25/2
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +128,42 @@ def test_train_prompts_may_be_a_teacher_dataset(teacher_data, prompts_file):
 
     held = load_prompts(str(prompts_file))
     assert contamination(held, str(teacher_data)) == [p.id for p in held]
+
+
+def test_references_and_answer_distributions(tiny_teacher, tmp_path):
+    """Every right answer in `references`: a row counts when the answer is any of them. With answer_samples the
+    teacher's samples (seed 1) are the references of the even rows, so its sampled exact match and coverage are
+    known, and a copy of the teacher draws the same samples: TV 0 to the teacher's answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_distill.data import encode_prompt
+    from llm_distill.evaluate import sample_answers
+    from llm_distill.generate import decode_batch
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher), AutoTokenizer.from_pretrained(tiny_teacher)
+    qs = [f"What is {i}+{i + 3}?" for i in range(6)]
+    ids = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
+    outs = decode_batch(model, ids, pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id], vocab_size=len(tok),
+                        max_new_tokens=6, k=1)
+    greedy = [tok.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
+    drawn = sample_answers(model, tok, ids, 4, max_new_tokens=6, batch_size=32, seed=1)
+    recs = []
+    for i, q in enumerate(qs):
+        refs = sorted(set(drawn[i]) | {greedy[i]}) if i % 2 == 0 else ["#wrong", "#also wrong"]
+        recs.append({"id": f"r{i}", "messages": [{"role": "user", "content": q}], "references": refs})
+    f = write_lines(tmp_path / "heldout.jsonl", recs)
+    out = tmp_path / "eval"
+    run_cli("evaluate", f"prompts={f}", f"teacher={tiny_teacher}", f"students.copy={tiny_teacher}",
+            f"output_dir={out}", "max_new_tokens=6", "logprobs=5", "answer_samples=4", "latency_prompts=0",
+            "batch_size=32")
+    report = json.loads((out / "report.json").read_text())
+    t, c = report["models"]["teacher"], report["models"]["copy"]
+    assert t["exact_match"] == c["exact_match"] == 0.5
+    assert t["sampled_exact_match"] == c["sampled_exact_match"] == 0.5
+    cover = [len(set(drawn[i])) / min(len(recs[i]["references"]), 4) for i in (0, 2, 4)]
+    assert t["answer_coverage"] == pytest.approx(sum(cover) / 6)
+    assert c["answer_tv"] == 0.0 and 0.0 <= t["answer_tv"] <= 1.0
+    md = (out / "report.md").read_text()
+    assert "exact, sampled T=1" in md and "TV to teacher's answers" in md
+    rows = [json.loads(l) for l in (out / "examples.jsonl").read_text().splitlines()]
+    assert rows[1]["references"] == ["#wrong", "#also wrong"]
