@@ -2,6 +2,7 @@
 
     llm-distill quickstart                 # one seed (a few minutes on 2 cores)
     llm-distill quickstart seeds=[0,1,2]   # the README's figures
+    llm-distill quickstart data_dir=data/choice_task   # the second bundled task (several right answers)
 
 teacher (data/tiny_task/teacher) -> generate on train prompts -> train a KD student and a CE-only student with
 the same steps and seed -> evaluate all on the held-out prompts -> print the table.
@@ -36,8 +37,11 @@ def main(cfg: QuickstartConfig) -> dict:
         from .tiny_task import train_teacher
 
         print(f"quickstart: no teacher at {teacher}; training it (a few minutes)")
+        # A held-out set whose rows list several right answers is the `choice` task's (data/choice_task).
+        with (data / "heldout.jsonl").open() as f:
+            family = "choice" if "references" in json.loads(f.readline() or "{}") else "exact"
         with tempfile.TemporaryDirectory() as work:
-            train_teacher(data, work)
+            train_teacher(data, work, family=family)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

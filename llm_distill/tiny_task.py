@@ -154,7 +154,8 @@ def train_teacher(data_dir: str | Path, work_dir: str | Path, n_examples: int = 
     target = data_dir / "teacher"
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(work_dir / "teacher", target, ignore=shutil.ignore_patterns("checkpoints", "run.json"))
+    shutil.copytree(work_dir / "teacher", target,
+                    ignore=shutil.ignore_patterns("checkpoints", "run.json", "tensorboard", "trainer_state.json"))
     return target
 
 
