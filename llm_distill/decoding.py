@@ -49,6 +49,7 @@ def sample_inverse_cdf(logits: torch.Tensor, temperature: float, top_p: float, u
 
 
 def accepts(model, name: str) -> bool:
+    """Whether the model's forward takes argument `name` (transformers versions differ)."""
     return name in inspect.signature(model.forward).parameters
 
 
@@ -58,6 +59,7 @@ def cache_kwarg(model) -> str:
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L) input ids, attention mask and position ids of left-padded prompts (every row ends at column L-1)."""
     B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)

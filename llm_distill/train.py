@@ -224,7 +224,7 @@ def main(cfg: TrainConfig) -> str:
 
 
 @dataclass
-class Data:
+class TrainData:
     """The teacher dataset(s) and the student tokenizer, checked against each other."""
 
     ds: object                # the training rows (datasets.Dataset)
@@ -366,7 +366,7 @@ def read_teacher_data(path: str):
     return ds
 
 
-def load_data(cfg: TrainConfig) -> Data:
+def load_data(cfg: TrainConfig) -> TrainData:
     """Read dataset (and eval_dataset) and the student tokenizer; check every row before the student is built."""
     ds = read_teacher_data(cfg.dataset)
     prov = read_provenance(cfg.dataset)
@@ -398,7 +398,7 @@ def load_data(cfg: TrainConfig) -> Data:
             raise UserError(f"{cfg.eval_dataset}: eval_dataset has no teacher logprobs (topk_token_ids)")
         check_teacher_dataset(cfg.eval_dataset, eval_ds, need=need, vocab_size=len(tokenizer))
     resplit = check_alignment(ds, tokenizer, tok_path) if cfg.kd_weight > 0 else 0
-    return Data(ds, eval_ds, prov, tokenizer, tok_path, with_topk, retokenize, resplit)
+    return TrainData(ds, eval_ds, prov, tokenizer, tok_path, with_topk, retokenize, resplit)
 
 
 def build_model(cfg: TrainConfig, tokenizer):
