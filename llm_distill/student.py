@@ -148,7 +148,8 @@ class MiniLLMSums(NamedTuple):
     rkl: torch.Tensor        # () detached: sampled estimate of the sequence-level reverse KL, sum of log q - log p
 
     def weighted(self, kd_weight: float, ce_weight: float) -> torch.Tensor:
-        """The surrogate is the KD term of an on-policy step (CE does not apply to the student's own samples)."""
+        """kd_weight * surrogate: the surrogate is the KD term of an on-policy step. The trainer passes
+        ce_weight=0 there (no CE on the student's own samples); rkl is detached, so it never adds a gradient."""
         return kd_weight * self.surrogate + ce_weight * self.rkl
 
 
