@@ -27,7 +27,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from .data import DATA_DIR, PROVENANCE_FILE, RUN_FILE, publish, staging_dir, write_run_record, _pid_alive
+from .data import DATA_DIR, PROVENANCE_FILE, RUN_FILE, pid_alive, publish, staging_dir, write_run_record
 from .errors import UserError
 
 CHUNK_GLOB = "chunk-*.parquet"
@@ -200,7 +200,7 @@ class ChunkedRun:
         lock = self.dir / "lock"
         if lock.is_file():
             pid = lock.read_text().strip()
-            if pid != str(os.getpid()) and _pid_alive(pid):
+            if pid != str(os.getpid()) and pid_alive(pid):
                 raise UserError(f"{self.output_dir}: another process (pid {pid}) is writing this run; wait for it or "
                                 "use another output_dir")
         if self.dir.is_dir():

@@ -157,12 +157,20 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    """`llm-distill train`: distil a student on a teacher dataset with one explicit Accelerate loop."""
+    """`llm-distill train`: distil a student on a teacher dataset with one explicit Accelerate loop.
 
+    Fields by concern (a recipe names them flat, as here): the data and output; the student; the loss; the
+    optimisation and its batches; logging, checkpoints and memory; the held-out loss; on-policy distillation.
+    Each group has its validator, run in this order by `__post_init__`; `check_processes` runs once the launch is
+    known. Derived values are methods (`global_batch`, `kd_options`)."""
+
+    # -- Data and output ------------------------------------------------------------------------------------------
     dataset: str = ""
     """Teacher dataset directory written by `generate` (or any dataset with `messages` + `completion` for CE only)."""
     output_dir: str = ""
     """Where the student (model + tokenizer), checkpoints and `metrics.jsonl` are written."""
+
+    # -- The student ----------------------------------------------------------------------------------------------
     student: Optional[str] = None
     """Pretrained student directory (or hub id when online). Leave empty to build one from `student_config`."""
     student_config: Optional[dict] = None
@@ -172,6 +180,8 @@ class TrainConfig:
     lora: Optional[dict] = None
     """Train a LoRA adapter (PEFT) instead of all weights, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules:
     [q_proj, k_proj, v_proj, o_proj]}; output_dir then holds an adapter (`llm-distill export` merges it)."""
+
+    # -- The loss and how it is computed --------------------------------------------------------------------------
     kd_weight: float = 0.5
     """Weight of the token-level forward KL on the teacher's top-k + tail buckets. Keep kd_weight + ce_weight = 1:
     where the teacher is near one-hot, forward KL's gradient is CE's, so a sum (1 + 1) doubles the step and stays
@@ -211,6 +221,8 @@ class TrainConfig:
     position is padding. Rows stay randomly batched (unlike group_by_length); losses and their normalisation are
     those of the padded batch. On-policy GKD batches pack too; MiniLLM batches stay padded (their reward-to-go
     runs along each row)."""
+
+    # -- Optimisation and batches ---------------------------------------------------------------------------------
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -231,6 +243,8 @@ class TrainConfig:
     """Truncate prompt + completion to this many tokens (default: the student's context length)."""
     seed: int = 0
     """Seed for initialisation and data order."""
+
+    # -- Logging, checkpoints, batching order and memory ----------------------------------------------------------
     log_every: int = 10
     """Log loss parts and tokens/s every N optimiser steps."""
     save_every: int = 0
@@ -255,11 +269,15 @@ class TrainConfig:
     report_to: str = "auto"
     """Experiment trackers via accelerate: `auto` (TensorBoard when installed), `none`, or a comma list such as
     `tensorboard,wandb`. `metrics.jsonl` is always written."""
+
+    # -- The held-out loss ----------------------------------------------------------------------------------------
     eval_dataset: Optional[str] = None
     """Held-out teacher dataset: its KD and CE loss per token (gathered over all processes) is logged every
     `eval_every` steps and at the end."""
     eval_every: int = 0
     """Evaluate on `eval_dataset` every N steps (0: only at the end)."""
+
+    # -- On-policy distillation (GKD, MiniLLM) --------------------------------------------------------------------
     onpolicy_fraction: float = 0.0
     """λ of on-policy distillation (GKD): the probability that an optimiser step trains on the student's own
     samples for its prompts, scored by `teacher` in-process, instead of on the dataset's completions. Drawn per
@@ -296,6 +314,8 @@ class TrainConfig:
     gradient is reweighted per token by q/(mixture) (MiniLLM uses 0.2)."""
     minillm_length_norm: bool = True
     """minillm: use the mean, not the sum, of the future rewards (MiniLLM's length normalisation)."""
+
+    # -- Output safety ---------------------------------------------------------------------------------------------
     overwrite: bool = False
     """Replace a previous output of this stage (its run.json says so) instead of refusing; nothing else is ever
     removed: not a folder without that record, nor one holding this run's inputs."""
@@ -303,6 +323,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "train: 'dataset' is required (a directory written by generate)")
         _check(bool(self.output_dir), "train: 'output_dir' is required")
+        self._check_student()
+        self._check_loss()
+        self._check_optimisation()
+        self._check_run()
+        self._check_onpolicy()
+
+    def _check_student(self) -> None:
         _check(bool(self.student) != bool(self.student_config),
                "train: set exactly one of 'student' (a model path) or 'student_config' (a config for a fresh model)")
         if self.student_config is not None:
@@ -323,6 +350,8 @@ class TrainConfig:
             _check(isinstance(tm, str) and bool(tm) or isinstance(tm, list) and bool(tm)
                    and all(isinstance(m, str) and m for m in tm),
                    "train: lora.target_modules must be a list of module names (e.g. [q_proj, v_proj]) or all-linear")
+
+    def _check_loss(self) -> None:
         _check(self.kd_weight >= 0 and self.ce_weight >= 0, "train: kd_weight and ce_weight must be >= 0")
         _check(self.kd_weight + self.ce_weight > 0, "train: kd_weight and ce_weight cannot both be 0")
         from .losses import DIVERGENCES
@@ -344,6 +373,8 @@ class TrainConfig:
                f"train: loss_impl '{self.loss_impl}' is not one of auto, fused, chunked, dense")
         _check(self.loss_chunk_size > 0 or self.loss_impl in ("auto", "dense"),
                f"train: loss_impl={self.loss_impl} needs loss_chunk_size >= 1 (0 means dense logits)")
+
+    def _check_optimisation(self) -> None:
         _check(self.learning_rate > 0, "train: learning_rate must be > 0")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"),
                f"train: lr_scheduler '{self.lr_scheduler}' is not one of cosine, linear, constant")
@@ -354,12 +385,16 @@ class TrainConfig:
         _check(self.grad_accum_steps >= 1, "train: grad_accum_steps must be >= 1")
         _check(self.warmup_steps >= 0, "train: warmup_steps must be >= 0")
         _check(self.max_grad_norm >= 0, "train: max_grad_norm must be >= 0")
+
+    def _check_run(self) -> None:
         _check(self.log_every >= 1, "train: log_every must be >= 1")
         _check(self.save_every >= 0, "train: save_every must be >= 0")
         _check(self.keep_checkpoints >= 1, "train: keep_checkpoints must be >= 1")
         _check(self.mixed_precision in (None, "no", "bf16", "fp16"),
                f"train: mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16")
         _check(self.eval_every >= 0, "train: eval_every must be >= 0")
+
+    def _check_onpolicy(self) -> None:
         _check(0.0 <= self.onpolicy_fraction <= 1.0, "train: onpolicy_fraction must be in [0, 1]")
         _check(self.onpolicy_objective in ("gkd", "minillm"),
                f"train: onpolicy_objective '{self.onpolicy_objective}' is not one of gkd, minillm")
@@ -391,6 +426,15 @@ class TrainConfig:
             raise UserError(f"train: onpolicy_teacher_backend=vllm starts one vLLM engine per training process and "
                             f"each of the {num_processes} processes' engines would land on GPU 0; use "
                             "onpolicy_teacher_backend=transformers under DDP, or train with one process")
+
+    def global_batch(self, num_processes: int) -> int:
+        """Rows per optimiser step: micro_batch_size x grad_accum_steps x processes."""
+        return self.micro_batch_size * self.grad_accum_steps * num_processes
+
+    def kd_options(self) -> dict:
+        """The KD loss's options, as `losses.kd_per_token` (and `student.StudentLoss`) take them."""
+        return {"divergences": self.kd_divergences, "temperature": self.kd_temperature, "beta": self.jsd_beta,
+                "alpha": self.skew_alpha, "renormalized_topk": self.renormalized_topk}
 
 
 @dataclass

@@ -20,13 +20,12 @@ from typing import Optional
 
 from . import validate
 from .errors import UserError
+from .storage import DATA_DIR, PART_GLOB, load_teacher_dataset, teacher_parquet_files, teacher_tables  # noqa: F401
 
 SCHEMA_VERSION = 1
 ROLES = validate.ROLES
 RUN_FILE = "run.json"
 PROVENANCE_FILE = "provenance.json"
-DATA_DIR = "data"  # the parquet parts of a published teacher dataset, data/part-00000.parquet ...
-PART_GLOB = "part-*.parquet"
 
 
 @dataclass
@@ -45,7 +44,8 @@ class Prompt:
         return self.references + ([self.reference] if self.reference is not None else [])
 
 
-def _validate_record(rec, where: str, index: int) -> Prompt:
+def prompt_from_record(rec, where: str, index: int) -> Prompt:
+    """A checked `Prompt` from one JSONL record (`validate.prompt_record`); `where` names it in errors."""
     return validate.prompt_record(rec, where, index, Prompt)
 
 
@@ -61,7 +61,7 @@ def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = Fal
         for i, rec in enumerate(ds):
             if limit is not None and len(prompts) >= limit:
                 break
-            prompts.append(_validate_record(rec, f"{path}: row {i}", i))
+            prompts.append(prompt_from_record(rec, f"{path}: row {i}", i))
     else:
         for lineno, line in validate.jsonl_lines(path):
             if limit is not None and len(prompts) >= limit:
@@ -73,7 +73,7 @@ def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = Fal
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                                 "each line must be one JSON object") from None
-            prompts.append(_validate_record(rec, f"{path}:{lineno}", len(prompts)))
+            prompts.append(prompt_from_record(rec, f"{path}:{lineno}", len(prompts)))
     if not prompts and not allow_empty:
         raise UserError(f"{path}: no prompts found")
     seen: dict[str, str] = {}
@@ -82,70 +82,6 @@ def load_prompts(path: str, limit: Optional[int] = None, allow_empty: bool = Fal
             raise UserError(f"{pr.where}: duplicate id {pr.id!r} (first at {seen[pr.id]}); ids must be unique")
         seen[pr.id] = pr.where
     return prompts
-
-
-def teacher_parquet_files(path: str) -> list[Path]:
-    """The parquet parts of a published teacher dataset, in row order (empty for any other directory)."""
-    return sorted((Path(path) / DATA_DIR).glob(PART_GLOB))
-
-
-def _is_save_to_disk_dir(p: Path) -> bool:
-    return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
-
-
-def load_teacher_dataset(path: str, cache_dir: Optional[str] = None):
-    """A teacher dataset directory as a `datasets.Dataset` (memory-mapped Arrow), rows in the stored order.
-
-    Reads `DIR/data/part-*.parquet` (what generate, score, merge and ensemble publish; the same as
-    `datasets.load_dataset("parquet", data_files="DIR/data/*.parquet", split="train")`). The first load converts
-    the parquet into an Arrow cache file that later loads reuse: under `cache_dir` if given, else in the datasets
-    cache (`$HF_DATASETS_CACHE`, by default `~/.cache/huggingface/datasets`), 2-3.5x the parquet size. A
-    directory written by `Dataset.save_to_disk` (older llm_distill outputs, other tools) is opened in place with
-    `load_from_disk`. Anything else is a one-line UserError.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"{path}: dataset directory not found (write one with `llm-distill generate`)")
-    files = teacher_parquet_files(path)
-    try:
-        if files:
-            import pyarrow.parquet as pq
-            from datasets import Dataset
-
-            if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:  # datasets cannot read 0-row parquet
-                return Dataset(pq.read_schema(files[0]).empty_table())
-            return Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir, split="train")
-        if _is_save_to_disk_dir(p):
-            from datasets import load_from_disk
-
-            return load_from_disk(str(p))
-    except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: cannot read this dataset ({type(e).__name__}: {first})") from None
-    raise UserError(f"{path}: not a teacher dataset (no {DATA_DIR}/{PART_GLOB}) nor a `save_to_disk` directory; "
-                    "write one with `llm-distill generate`, or pass a JSONL file")
-
-
-def teacher_tables(path: str, columns: Optional[list] = None):
-    """(Arrow schema, iterator of pyarrow tables in row order) of a teacher dataset, read without the datasets
-    cache: the parquet row groups one by one, or the memory-mapped table of a `save_to_disk` directory."""
-    files = teacher_parquet_files(path)
-    if files:
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(files[0])
-
-        def parts():
-            for f in files:
-                pf = pq.ParquetFile(f)
-                for i in range(pf.num_row_groups):
-                    yield pf.read_row_group(i, columns=columns)
-
-        return schema, parts()
-    ds = load_teacher_dataset(path)
-    table = ds.flatten_indices().data.table if ds._indices is not None else ds.data.table
-    schema = ds.features.arrow_schema
-    return schema, iter([table.select(columns) if columns else table])
 
 
 def encode_prompt(tokenizer, messages: list, model_name: str = "model") -> list[int]:
@@ -216,7 +152,7 @@ def staging_dir(path: str) -> Path:
     p = Path(path).resolve()
     p.parent.mkdir(parents=True, exist_ok=True)
     for stale in p.parent.glob(f".{p.name}.tmp-*"):  # left by a killed run whose process is gone
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+        if not pid_alive(stale.name.rsplit("-", 1)[-1]):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -225,7 +161,8 @@ def staging_dir(path: str) -> Path:
     return tmp
 
 
-def _pid_alive(pid: str) -> bool:
+def pid_alive(pid: str) -> bool:
+    """Whether process `pid` (a string from a file name) still runs: staging and lock files name their writer."""
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):

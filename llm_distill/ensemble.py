@@ -85,7 +85,8 @@ def _flat(ds, column: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray
 
 
 def main(cfg: EnsembleConfig) -> str:
-    from .generate import TOPK_LOGPROB_DTYPE, Completion, dataset_features, rows_table
+    from .generate import TOPK_LOGPROB_DTYPE, dataset_features, rows_table
+    from .teacher import Completion
 
     check_output_dir(cfg.output_dir, "ensemble", config_to_dict(cfg), cfg.overwrite, cfg.inputs)
     loaded = [_load(p) for p in cfg.inputs]

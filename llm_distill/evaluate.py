@@ -18,18 +18,20 @@ import json
 import re
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .backends import build_backend
 from .config import EvaluateConfig, config_to_dict
 from .data import check_output_dir, encode_prompt, load_prompts, publish, staging_dir, write_run_record
+from .decoding import decode_batch
 from .errors import UserError
-from .validate import check_model_dir, one_line
-from .generate import decode_batch
 from .models import (context_length, count_parameters, eos_ids, load_model, load_tokenizer, resolve_device,
                      resolve_dtype, tokenizer_hash)
-from .train import StudentLoss, check_chunked_head, collate
+from .student import StudentLoss, check_chunked_head, collate
+from .validate import check_model_dir, one_line
 
 
 def normalize_answer(text: str, mode: str = "whitespace") -> str:
@@ -119,10 +121,9 @@ def resolve_backend(name: str) -> str:
 def answer_all_vllm(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]], k: int, seeds: list[int]):
     """Per seed: (completions, tokens, seconds) from one vLLM engine; then batch-1 latency; the engine is shut
     down before returning so that the transformers copy (for KL and NLL) has the GPU."""
-    from .vllm_backend import VLLMBackend
-
-    engine = VLLMBackend(path, k=k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                         dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    engine = build_backend(None, backend="vllm", model=path, logprobs=k, temperature=cfg.temperature, top_p=cfg.top_p,
+                           max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization)
     try:
         runs = []
         for seed in seeds:
@@ -143,10 +144,9 @@ def answer_all_vllm(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]],
 def answer_all_server(path: str, cfg: EvaluateConfig, prompt_ids: list[list[int]], k: int, seeds: list[int]):
     """answer_all_vllm for a teacher behind vLLM servers (teacher_server_urls): per seed (completions, tokens,
     seconds), then batch-1 latency through the server, and the servers' context length."""
-    from .server_backend import ServerBackend
-
-    client = ServerBackend(path, urls=cfg.teacher_server_urls, served_model=cfg.teacher_server_model, k=k,
-                           temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    client = build_backend(None, backend="server", model=path, server_urls=cfg.teacher_server_urls,
+                           server_model=cfg.teacher_server_model, logprobs=k, temperature=cfg.temperature,
+                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     try:
         runs = []
         for seed in seeds:
@@ -301,7 +301,26 @@ def main(cfg: EvaluateConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     refs = [p.valid_answers() for p in prompts]  # (prompts, right answers)
     has_refs = bool(prompts) and all(r is not None for r in refs)
-    for name, path in models:  # fail before any work on a missing or broken model
+    check_models(cfg, models)
+    seeds = cfg.seeds if cfg.temperature > 0 else [0]
+    protocol = "greedy" if cfg.temperature == 0 else f"T={cfg.temperature}, top_p={cfg.top_p}, seeds {seeds}"
+    backend = resolve_backend(cfg.backend)
+    if backend == "vllm":
+        from .vllm_backend import require_vllm
+
+        require_vllm()  # a one-line error on a machine without vLLM or CUDA, before any model loads
+    report = start_report(cfg, prompts, protocol, backend, has_refs)
+    held_out = HeldOut(prompts, refs, has_refs, [cfg.task_normalization.get(p.task, cfg.normalization)
+                                                 for p in prompts], seeds)
+    for name, path in models:
+        evaluate_model(cfg, name, path, held_out, backend, device, dtype, report)
+    write_report(cfg, report, prompts, held_out.answers, protocol)
+    return report
+
+
+def check_models(cfg: EvaluateConfig, models: list) -> None:
+    """Fail before any work on a missing or broken model (or unreadable training prompts)."""
+    for name, path in models:
         if not isinstance(path, str) or not path:
             raise UserError(f"evaluate: model '{name}' needs a path")
         if not (name == "teacher" and cfg.teacher_server_urls):  # a served teacher: only its tokenizer is here
@@ -310,13 +329,10 @@ def main(cfg: EvaluateConfig) -> dict:
             load_tokenizer(path)
     if cfg.train_prompts:
         load_prompts(cfg.train_prompts)  # read again by the contamination check; refused here, before any model runs
-    seeds = cfg.seeds if cfg.temperature > 0 else [0]
-    protocol = "greedy" if cfg.temperature == 0 else f"T={cfg.temperature}, top_p={cfg.top_p}, seeds {seeds}"
-    backend = resolve_backend(cfg.backend)
-    if backend == "vllm":
-        from .vllm_backend import require_vllm
 
-        require_vllm()  # a one-line error on a machine without vLLM or CUDA, before any model loads
+
+def start_report(cfg: EvaluateConfig, prompts: list, protocol: str, backend: str, has_refs: bool) -> dict:
+    """The report before any model runs: the protocol, notes on what cannot be computed, contamination."""
     report = {"prompts": cfg.prompts, "num_prompts": len(prompts), "protocol": protocol, "backend": backend,
               "models": {}, "notes": []}
     if not prompts:
@@ -331,110 +347,149 @@ def main(cfg: EvaluateConfig) -> dict:
             report["notes"].append(f"contamination: {len(leaked)} of {len(prompts)} held-out prompts also appear in "
                                    f"{cfg.train_prompts} (ids in report.json: contaminated_ids)")
             print(f"evaluate: warning: {len(leaked)} held-out prompts also appear in the training prompts")
-    modes = [cfg.task_normalization.get(p.task, cfg.normalization) for p in prompts]
-    answers: dict[str, list[str]] = {}
-    teacher_samples: list[list[str]] | None = None  # (prompts, answer_samples), normalised
-    teacher_examples, teacher_hash = None, None
-    for name, path in models:
-        is_teacher = name == "teacher" and bool(cfg.teacher)
-        served = is_teacher and bool(cfg.teacher_server_urls)
-        engine_runs = None
-        if served:  # no local copy: answers, context and latency come from the servers
-            model, tokenizer, info = None, load_tokenizer(path), {"adapter": False}
-            engine_runs = answer_all_server(path, cfg, [encode_prompt(tokenizer, p.messages, path) for p in prompts],
-                                            cfg.logprobs, seeds)
-        elif backend == "vllm" and prompts and not (Path(path) / "adapter_config.json").is_file():
-            tok = load_tokenizer(path)
-            engine_runs = answer_all_vllm(path, cfg, [encode_prompt(tok, p.messages, path) for p in prompts],
-                                          cfg.logprobs if is_teacher else 1, seeds)
-        if not served:
-            model, tokenizer, info = load_for_eval(path, device, dtype)
-        m = {"path": path, "params": count_parameters(model) if model is not None else None}
-        if served:
-            m["servers"] = list(cfg.teacher_server_urls)
-        if "disk_bytes" in info:
-            m["disk_mb"] = info["disk_bytes"] / 2**20
-        if info["adapter"]:
-            m["adapter_trainable_params"] = info["trainable_params"]
-        report["models"][name] = m
-        if not prompts:
-            continue
-        ctx = engine_runs[2] if served else context_length(model)
-        ids = []
-        for p in prompts:
-            enc = encode_prompt(tokenizer, p.messages, path)
-            if ctx is not None and len(enc) + cfg.max_new_tokens > ctx:
-                raise UserError(f"{p.where}: prompt {p.id!r} has {len(enc)} tokens; with max_new_tokens="
-                                f"{cfg.max_new_tokens} it exceeds {name}'s context of {ctx}")
-            ids.append(enc)
-        runs, n_tokens, elapsed, first_outs = [], 0, 0.0, None
-        for r, seed in enumerate(seeds):
-            if engine_runs:
-                outs, n, secs = engine_runs[0][r]
-            else:
-                outs, n, secs = answer_all(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
-                                           cfg.logprobs if is_teacher else 1, cfg.temperature, cfg.top_p, seed)
-            first_outs = first_outs or outs
-            runs.append([tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs])
-            n_tokens, elapsed = n_tokens + n, elapsed + secs
-        answers[name] = runs[0]
-        m.update(tokens_per_s=n_tokens / max(elapsed, 1e-9), mean_completion_tokens=n_tokens / len(prompts) / len(runs))
-        m["backend"] = "server" if served else "vllm" if engine_runs else "transformers"
-        if engine_runs and engine_runs[1] is not None:
-            m["latency_s"] = engine_runs[1]
-        elif cfg.latency_prompts:
-            m["latency_s"] = latency(model, tokenizer, ids[:cfg.latency_prompts], cfg.max_new_tokens)
-        scores: dict[str, list[float]] = {}
-        if has_refs:
-            scores["exact_match"] = _per_prompt([[is_right(t, r, md) for t, r, md in zip(texts, refs, modes)]
-                                                 for texts in runs])
-            scores["rouge_l_vs_reference"] = _per_prompt([rouge_l(refs, texts) for texts in runs])
-        if cfg.teacher:
-            scores["rouge_l_vs_teacher"] = _per_prompt([rouge_l(answers["teacher"], texts) for texts in runs])
-            scores["agreement"] = _per_prompt([[float(normalize_answer(a, md) == normalize_answer(b, md))
-                                                for a, b, md in zip(answers["teacher"], texts, modes)]
-                                               for texts in runs])
-        if cfg.answer_samples and model is not None:
-            n = cfg.answer_samples
-            drawn = [[normalize_answer(t, md) for t in texts] for texts, md in
-                     zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=1), modes)]
-            if has_refs:
-                scores["sampled_exact_match"] = [sum(is_right(t, r, md) for t in d) / n
-                                                 for d, r, md in zip(drawn, refs, modes)]
-                scores["answer_coverage"] = [len({t for t in d if is_right(t, r, md)}) / min(len(set(r)), n)
-                                             for d, r, md in zip(drawn, refs, modes)]
-            if is_teacher:  # a second, independent draw of the teacher: the floor of answer_tv
-                teacher_samples = drawn
-                again = [[normalize_answer(t, md) for t in texts] for texts, md in
-                         zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=2),
-                             modes)]
-                scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, again)]
-            elif teacher_samples is not None:
-                scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, teacher_samples)]
-        elif cfg.answer_samples and is_teacher:
-            report["notes"].append("answer_samples: the served teacher is not sampled (no local copy); "
-                                   "answer_tv not computed")
-        for key, vals in scores.items():
-            m[key] = sum(vals) / len(vals)
-            m[f"{key}_ci"] = bootstrap_ci(vals, cfg.bootstrap)
-        if "exact_match" in scores:
-            by_task: dict[str, list[float]] = {}
-            for p, v in zip(prompts, scores["exact_match"]):
-                by_task.setdefault(p.task or "all", []).append(v)
-            m["exact_match_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
-        if is_teacher:
-            teacher_hash = tokenizer_hash(tokenizer)
-            teacher_examples = [{"prompt": pid, "completion": c.token_ids, "topk_ids": c.topk_ids.tolist(),
-                                 "topk_logprobs": c.topk_logprobs.tolist(), "tail": c.tail_logprob.tolist(),
-                                 "id": p.id} for pid, c, p in zip(ids, first_outs, prompts) if c.token_ids]
-        if teacher_examples and model is not None and tokenizer_hash(tokenizer) == teacher_hash:
-            m["kl"], m["nll"] = teacher_kl(model, tokenizer, teacher_examples, cfg.batch_size)
-        elif cfg.teacher:
-            report["notes"].append(f"{name}: tokenizer differs from the teacher's; compared at the text level only "
-                                   "(KL/NLL not computed)")
-        print(f"evaluate: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
-        del model
+    return report
 
+
+@dataclass
+class HeldOut:
+    """The held-out prompts, and what later models are compared with, filled in as the models run (teacher
+    first)."""
+
+    prompts: list
+    refs: list                # per prompt, its right answers (None without a reference)
+    has_refs: bool
+    modes: list               # per prompt, its answer normalisation
+    seeds: list
+    answers: dict = field(default_factory=dict)  # model name -> its first run's answers
+    teacher_samples: list | None = None          # (prompts, answer_samples), normalised
+    teacher_examples: list | None = None         # the teacher's completions as `collate` examples (KL, NLL)
+    teacher_hash: str | None = None
+
+
+def evaluate_model(cfg: EvaluateConfig, name: str, path: str, held: HeldOut, backend: str, device, dtype,
+                   report: dict) -> None:
+    """One model's answers and scores into report["models"][name]."""
+    prompts, seeds = held.prompts, held.seeds
+    is_teacher = name == "teacher" and bool(cfg.teacher)
+    served = is_teacher and bool(cfg.teacher_server_urls)
+    engine_runs = None
+    if served:  # no local copy: answers, context and latency come from the servers
+        model, tokenizer, info = None, load_tokenizer(path), {"adapter": False}
+        engine_runs = answer_all_server(path, cfg, [encode_prompt(tokenizer, p.messages, path) for p in prompts],
+                                        cfg.logprobs, seeds)
+    elif backend == "vllm" and prompts and not (Path(path) / "adapter_config.json").is_file():
+        tok = load_tokenizer(path)
+        engine_runs = answer_all_vllm(path, cfg, [encode_prompt(tok, p.messages, path) for p in prompts],
+                                      cfg.logprobs if is_teacher else 1, seeds)
+    if not served:
+        model, tokenizer, info = load_for_eval(path, device, dtype)
+    m = {"path": path, "params": count_parameters(model) if model is not None else None}
+    if served:
+        m["servers"] = list(cfg.teacher_server_urls)
+    if "disk_bytes" in info:
+        m["disk_mb"] = info["disk_bytes"] / 2**20
+    if info["adapter"]:
+        m["adapter_trainable_params"] = info["trainable_params"]
+    report["models"][name] = m
+    if not prompts:
+        return
+    ids = encode_prompts(cfg, name, path, prompts, tokenizer, engine_runs[2] if served else context_length(model))
+    runs, n_tokens, elapsed, first_outs = [], 0, 0.0, None
+    for r, seed in enumerate(seeds):
+        if engine_runs:
+            outs, n, secs = engine_runs[0][r]
+        else:
+            outs, n, secs = answer_all(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
+                                       cfg.logprobs if is_teacher else 1, cfg.temperature, cfg.top_p, seed)
+        first_outs = first_outs or outs
+        runs.append([tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs])
+        n_tokens, elapsed = n_tokens + n, elapsed + secs
+    held.answers[name] = runs[0]
+    m.update(tokens_per_s=n_tokens / max(elapsed, 1e-9), mean_completion_tokens=n_tokens / len(prompts) / len(runs))
+    m["backend"] = "server" if served else "vllm" if engine_runs else "transformers"
+    if engine_runs and engine_runs[1] is not None:
+        m["latency_s"] = engine_runs[1]
+    elif cfg.latency_prompts:
+        m["latency_s"] = latency(model, tokenizer, ids[:cfg.latency_prompts], cfg.max_new_tokens)
+    scores = answer_scores(cfg, held, runs)
+    if cfg.answer_samples and model is not None:
+        scores.update(sample_scores(cfg, held, model, tokenizer, ids, is_teacher))
+    elif cfg.answer_samples and is_teacher:
+        report["notes"].append("answer_samples: the served teacher is not sampled (no local copy); "
+                               "answer_tv not computed")
+    for key, vals in scores.items():
+        m[key] = sum(vals) / len(vals)
+        m[f"{key}_ci"] = bootstrap_ci(vals, cfg.bootstrap)
+    if "exact_match" in scores:
+        by_task: dict[str, list[float]] = {}
+        for p, v in zip(prompts, scores["exact_match"]):
+            by_task.setdefault(p.task or "all", []).append(v)
+        m["exact_match_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    if is_teacher:
+        held.teacher_hash = tokenizer_hash(tokenizer)
+        held.teacher_examples = [{"prompt": pid, "completion": c.token_ids, "topk_ids": c.topk_ids.tolist(),
+                                  "topk_logprobs": c.topk_logprobs.tolist(), "tail": c.tail_logprob.tolist(),
+                                  "id": p.id} for pid, c, p in zip(ids, first_outs, prompts) if c.token_ids]
+    if held.teacher_examples and model is not None and tokenizer_hash(tokenizer) == held.teacher_hash:
+        m["kl"], m["nll"] = teacher_kl(model, tokenizer, held.teacher_examples, cfg.batch_size)
+    elif cfg.teacher:
+        report["notes"].append(f"{name}: tokenizer differs from the teacher's; compared at the text level only "
+                               "(KL/NLL not computed)")
+    print(f"evaluate: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
+
+
+def encode_prompts(cfg: EvaluateConfig, name: str, path: str, prompts: list, tokenizer, ctx: int | None) -> list:
+    """Every prompt under the model's chat template, refused when it and max_new_tokens exceed the context."""
+    ids = []
+    for p in prompts:
+        enc = encode_prompt(tokenizer, p.messages, path)
+        if ctx is not None and len(enc) + cfg.max_new_tokens > ctx:
+            raise UserError(f"{p.where}: prompt {p.id!r} has {len(enc)} tokens; with max_new_tokens="
+                            f"{cfg.max_new_tokens} it exceeds {name}'s context of {ctx}")
+        ids.append(enc)
+    return ids
+
+
+def answer_scores(cfg: EvaluateConfig, held: HeldOut, runs: list[list[str]]) -> dict[str, list[float]]:
+    """Per-prompt scores of the answers (averaged over runs): against the references and the teacher's."""
+    refs, modes = held.refs, held.modes
+    scores: dict[str, list[float]] = {}
+    if held.has_refs:
+        scores["exact_match"] = _per_prompt([[is_right(t, r, md) for t, r, md in zip(texts, refs, modes)]
+                                             for texts in runs])
+        scores["rouge_l_vs_reference"] = _per_prompt([rouge_l(refs, texts) for texts in runs])
+    if cfg.teacher:
+        teacher = held.answers["teacher"]
+        scores["rouge_l_vs_teacher"] = _per_prompt([rouge_l(teacher, texts) for texts in runs])
+        scores["agreement"] = _per_prompt([[float(normalize_answer(a, md) == normalize_answer(b, md))
+                                            for a, b, md in zip(teacher, texts, modes)]
+                                           for texts in runs])
+    return scores
+
+
+def sample_scores(cfg: EvaluateConfig, held: HeldOut, model, tokenizer, ids: list, is_teacher: bool) -> dict:
+    """answer_samples answers per prompt at T = 1: share right, right answers covered, TV to the teacher's."""
+    refs, modes, n = held.refs, held.modes, cfg.answer_samples
+    scores: dict[str, list[float]] = {}
+    drawn = [[normalize_answer(t, md) for t in texts] for texts, md in
+             zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=1), modes)]
+    if held.has_refs:
+        scores["sampled_exact_match"] = [sum(is_right(t, r, md) for t in d) / n
+                                         for d, r, md in zip(drawn, refs, modes)]
+        scores["answer_coverage"] = [len({t for t in d if is_right(t, r, md)}) / min(len(set(r)), n)
+                                     for d, r, md in zip(drawn, refs, modes)]
+    if is_teacher:  # a second, independent draw of the teacher: the floor of answer_tv
+        held.teacher_samples = drawn
+        again = [[normalize_answer(t, md) for t in texts] for texts, md in
+                 zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=2), modes)]
+        scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, again)]
+    elif held.teacher_samples is not None:
+        scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, held.teacher_samples)]
+    return scores
+
+
+def write_report(cfg: EvaluateConfig, report: dict, prompts: list, answers: dict, protocol: str) -> None:
+    """report.json, report.md (+ report.png) and examples.jsonl, published together."""
     tmp = staging_dir(cfg.output_dir)
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(report)
@@ -452,4 +507,3 @@ def main(cfg: EvaluateConfig) -> dict:
     write_run_record(tmp, "evaluate", config_to_dict(cfg))
     publish(tmp, cfg.output_dir)
     print(table + notes)
-    return report

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from .chunks import ChunkedRun, finished, parse_shard, partial_dir, sha256_json, shard_of
 from .config import ScoreConfig, config_to_dict
-from .data import (_validate_record, check_output_dir, encode_prompt, load_teacher_dataset,
+from .data import (prompt_from_record, check_output_dir, encode_prompt, load_teacher_dataset,
                    read_provenance)
 from .errors import UserError
 from .validate import check_model_dir
-from .generate import (Progress, build_backend, dataset_features, filter_long, rows_table, run_settings,
+from .backends import build_backend
+from .generate import (Progress, dataset_features, filter_long, rows_table, run_settings,
                        teacher_provenance)
 from .models import tokenizer_hash
 
@@ -76,7 +77,7 @@ def load_responses(path: str, limit: int | None) -> list[dict]:
         if not isinstance(completion, str):
             raise UserError(f"{where}: no response to score; give 'completion' (a string) or end 'messages' with the "
                             "assistant turn")
-        prompt = _validate_record({"messages": msgs, "id": rec.get("id", f"r{index}")}, where, index)
+        prompt = prompt_from_record({"messages": msgs, "id": rec.get("id", f"r{index}")}, where, index)
         row = {"id": prompt.id, "prompt_id": str(rec.get("prompt_id") or prompt.id), "messages": prompt.messages,
                "completion": completion, "finish_reason": rec.get("finish_reason") or "stop", "where": where}
         for key in ("prompt_token_ids", "completion_token_ids"):

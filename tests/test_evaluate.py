@@ -32,7 +32,7 @@ def known_prompts(tiny_teacher, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_distill.data import encode_prompt
-    from llm_distill.generate import decode_batch
+    from llm_distill.decoding import decode_batch
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher), AutoTokenizer.from_pretrained(tiny_teacher)
     qs = [f"What is {i}+{i}?" for i in range(8)]

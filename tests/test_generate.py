@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, write_lines
 
 from llm_distill.data import encode_prompt, load_teacher_dataset
-from llm_distill.generate import decode_batch
+from llm_distill.decoding import decode_batch
 
 
 def test_dataset_schema_and_invariants(teacher_data, tiny_teacher, prompts_file):
@@ -346,7 +346,7 @@ def test_nan_teacher_is_a_one_line_error(tiny_teacher, prompts_file, tmp_path):
 
 def test_check_logprobs_accepts_neg_inf_topk_refuses_neg_inf_token():
     from llm_distill.errors import UserError
-    from llm_distill.generate import Completion, check_logprobs
+    from llm_distill.teacher import Completion, check_logprobs
 
     ninf = float("-inf")
     ok = Completion([3], torch.tensor([[3, 4]]), torch.tensor([[-0.1, ninf]]), torch.tensor([-0.1]),

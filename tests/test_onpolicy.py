@@ -237,7 +237,7 @@ def test_vllm_teacher_engine_and_scoring_pass_vllm_validation(tiny_teacher, over
     from vllm.config import CacheConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from llm_distill.train import onpolicy_vllm_kwargs
+    from llm_distill.onpolicy import onpolicy_vllm_kwargs
     from llm_distill.vllm_backend import VLLMBackend
 
     cfg = load_config(TrainConfig, None, ["dataset=d", "output_dir=o", "student=s", "onpolicy_fraction=0.5",
@@ -280,7 +280,7 @@ def test_minillm_batch_gradients_chunked_equal_dense(tiny_teacher):
     import copy
 
     from llm_distill.models import load_model
-    from llm_distill.train import StudentLoss, collate
+    from llm_distill.student import StudentLoss, collate
 
     model = load_model(str(tiny_teacher), torch.device("cpu"), torch.float64)
     vocab = model.config.vocab_size
@@ -299,7 +299,8 @@ def test_minillm_batch_gradients_chunked_equal_dense(tiny_teacher):
     for chunk in (0, 3):
         loss = StudentLoss(copy.deepcopy(model), vocab, chunk, 1.0, 0.0,
                            minillm={"single_step": True, "length_norm": True})
-        surrogate, rkl = loss(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+        surrogate, rkl = loss(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()},
+                              objective="minillm")
         surrogate.backward()
         results.append((surrogate.detach(), rkl, {n: p.grad for n, p in loss.model.named_parameters()}))
     (s0, r0, g0), (s1, r1, g1) = results

@@ -29,7 +29,7 @@ def _model(tiny_teacher):
 
 
 def test_collate_packs_rows_into_one_sequence():
-    from llm_distill.train import collate
+    from llm_distill.student import collate
 
     rows = _rows(30)
     padded, packed = collate(rows, pad_id=0), collate(rows, pad_id=0, packing=True)
@@ -50,7 +50,7 @@ def test_packed_batch_gives_the_padded_losses_and_gradients(tiny_teacher, impl, 
     gradients (float32 tolerance), for every loss implementation; with train's packed sdpa (no block mask) and
     with transformers' sdpa (its block-diagonal mask from the restarting position ids)."""
     from llm_distill.packing import PACKED_SDPA, use_packed_sdpa
-    from llm_distill.train import StudentLoss, collate
+    from llm_distill.student import StudentLoss, collate
 
     model = _model(tiny_teacher)
     vocab = model.config.vocab_size
@@ -77,7 +77,7 @@ def test_attention_crossing_packed_rows_is_caught(tiny_teacher, monkeypatch):
     import transformers.masking_utils as mu
 
     from llm_distill.errors import UserError
-    from llm_distill.train import StudentLoss, check_packing, collate
+    from llm_distill.student import StudentLoss, check_packing, collate
 
     model = _model(tiny_teacher)
     vocab = model.config.vocab_size
@@ -128,7 +128,7 @@ def test_packed_training_runs_like_padded(teacher_data, tiny_teacher, tmp_path):
 def test_fused_refusals_and_auto_fallback(teacher_data, tiny_teacher, tmp_path):
     """LoRA on the output head: loss_impl=fused refuses in one line, auto falls back to the chunked loss; FSDP and
     DeepSpeed are refused by the same check."""
-    from llm_distill.train import fused_head_problem
+    from llm_distill.student import fused_head_problem
 
     args = [f"dataset={teacher_data}", f"student={tiny_teacher}", "lora={r: 4, alpha: 8, target_modules: [lm_head]}",
             "max_steps=2", "micro_batch_size=4"]

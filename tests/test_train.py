@@ -346,7 +346,7 @@ def test_onpolicy_gkd_under_ddp_matches_single_process(teacher_data, tiny_teache
     drawn once, then split) equals two DDP processes with 2 each (each samples its own rows; both make the same
     λ choice per step); on-policy steps are logged apart from offline ones."""
 
-    from llm_distill.train import onpolicy_step
+    from llm_distill.onpolicy import onpolicy_step
 
     common = [f"dataset={teacher_data}", *STUDENT_CONFIG, "max_steps=4", "learning_rate=1e-2", "lr_scheduler=constant",
               "log_every=2", "onpolicy_fraction=0.5", f"teacher={tiny_teacher}", "onpolicy_max_new_tokens=6",

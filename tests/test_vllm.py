@@ -227,7 +227,7 @@ def test_matches_decode_batch_on_the_tiny_teacher(vllm, tiny_teacher):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_distill.data import encode_prompt
-    from llm_distill.generate import decode_batch
+    from llm_distill.decoding import decode_batch
     from llm_distill.vllm_backend import completions_from_request, score_from_vllm
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval(), AutoTokenizer.from_pretrained(tiny_teacher)
