@@ -9,13 +9,12 @@
     sort     "Sort the digits: 5183"          -> "1358"
     max      "Which is larger, 47 or 85?"     -> "85"
 
-`choice` (data/choice_task): four task types whose questions have several right answers; the teacher is trained
+`choice` (data/choice_task): three task types whose questions have several right answers; the teacher is trained
 on a uniformly drawn right answer per question, so it learns a distribution over them (as a chat model does over
 phrasings), and a student is good when it has learned the whole set, not one arbitrary member of it:
-    between  "Name a number between 123 and 131."        -> any of 124 ... 130
-    letter   "Name a letter in: planet"                   -> any of p, l, a, n, e, t
-    multiple "Name a multiple of 7 between 30 and 60."    -> any of 35, 42, 49, 56
-    shuffle  "Shuffle the letters: tca"                   -> any ordering of t, c, a
+    between  "Name a number between 430 and 437."        -> any of 431 ... 436
+    letter   "Name a letter in: planet"                   -> any of a, e, l, n, p, t
+    odd      "Name an odd digit in: 58213"                -> any of 1, 3, 5
 Held-out rows carry `references`, the full set of right answers; exact match counts an answer in the set.
 """
 
@@ -30,7 +29,7 @@ from pathlib import Path
 import itertools
 
 TASKS = ("add", "reverse", "sort", "max")
-CHOICE_TASKS = ("between", "letter", "multiple", "shuffle")
+CHOICE_TASKS = ("between", "letter", "odd")
 FAMILIES = {"exact": TASKS, "choice": CHOICE_TASKS}
 
 
@@ -53,21 +52,19 @@ def make_example(rng: random.Random, task: str) -> tuple[str, str]:
 
 def make_choice_example(rng: random.Random, task: str) -> tuple[str, list[str]]:
     """One (question, every right answer) pair of a `choice` task type; answers in a fixed order."""
-    if task == "between":
-        a = rng.randint(100, 980)
-        b = a + rng.randint(3, 12)
-        return f"Name a number between {a} and {b}.", [str(x) for x in range(a + 1, b)]
+    if task == "between":  # the last digit is the choice: copy two digits, then one strictly between
+        q, lo = rng.randint(10, 99), rng.randint(0, 6)
+        hi = rng.randint(lo + 3, 9)
+        return f"Name a number between {q}{lo} and {q}{hi}.", [f"{q}{d}" for d in range(lo + 1, hi)]
     if task == "letter":
         w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
         return f"Name a letter in: {w}", sorted(set(w))
-    if task == "multiple":
-        k = rng.randint(3, 9)
-        lo = rng.randint(10, 80)
-        hi = lo + rng.randint(2 * k, 4 * k)  # at least two multiples inside
-        return f"Name a multiple of {k} between {lo} and {hi}.", [str(x) for x in range(lo + 1, hi) if x % k == 0]
-    if task == "shuffle":
-        w = "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 5)))
-        return f"Shuffle the letters: {w}", sorted("".join(p) for p in itertools.permutations(w))
+    if task == "odd":  # which digits are odd, among those given
+        while True:
+            d = "".join(rng.choice(string.digits) for _ in range(rng.randint(4, 7)))
+            odd = sorted({c for c in d if int(c) % 2})
+            if len(odd) >= 2:
+                return f"Name an odd digit in: {d}", odd
     raise ValueError(task)
 
 
