@@ -231,9 +231,9 @@ def teacher_kl(model, tokenizer, examples: list[dict], batch_size: int) -> tuple
 COLUMNS = [("params", "params", "{:,}"), ("disk_mb", "MB on disk", "{:.1f}"),
            ("exact_match", "exact match [95% CI]", "{:.1%}"), ("rouge_l_vs_reference", "ROUGE-L vs ref", "{:.3f}"),
            ("rouge_l_vs_teacher", "ROUGE-L vs teacher", "{:.3f}"), ("agreement", "agrees w/ teacher", "{:.1%}"),
-           ("sampled_exact_match", "exact, sampled T=1", "{:.1%}"), ("answer_coverage", "right answers covered",
-                                                                      "{:.1%}"),
-           ("answer_tv", "TV to teacher's answers", "{:.3f}"), ("kl", "KL(T‖S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"), ("tokens_per_s", "gen tok/s", "{:.0f}"),
+           ("sampled_exact_match", "exact, sampled T=1", "{:.1%}"),
+           ("answer_coverage", "right answers covered", "{:.1%}"), ("answer_tv", "TV to teacher's answers", "{:.3f}"),
+           ("kl", "KL(T‖S)/token", "{:.4f}"), ("nll", "NLL/token", "{:.4f}"), ("tokens_per_s", "gen tok/s", "{:.0f}"),
            ("latency_s", "latency/prompt", "{:.3f}s")]
 
 
@@ -471,8 +471,12 @@ def sample_scores(cfg: EvaluateConfig, held: HeldOut, model, tokenizer, ids: lis
     """answer_samples answers per prompt at T = 1: share right, right answers covered, TV to the teacher's."""
     refs, modes, n = held.refs, held.modes, cfg.answer_samples
     scores: dict[str, list[float]] = {}
-    drawn = [[normalize_answer(t, md) for t in texts] for texts, md in
-             zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=1), modes)]
+
+    def draw(seed: int) -> list[list[str]]:  # (prompts, n) normalised answers
+        texts = sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=seed)
+        return [[normalize_answer(t, md) for t in row] for row, md in zip(texts, modes)]
+
+    drawn = draw(1)
     if held.has_refs:
         scores["sampled_exact_match"] = [sum(is_right(t, r, md) for t in d) / n
                                          for d, r, md in zip(drawn, refs, modes)]
@@ -480,9 +484,7 @@ def sample_scores(cfg: EvaluateConfig, held: HeldOut, model, tokenizer, ids: lis
                                      for d, r, md in zip(drawn, refs, modes)]
     if is_teacher:  # a second, independent draw of the teacher: the floor of answer_tv
         held.teacher_samples = drawn
-        again = [[normalize_answer(t, md) for t in texts] for texts, md in
-                 zip(sample_answers(model, tokenizer, ids, n, cfg.max_new_tokens, cfg.batch_size, seed=2), modes)]
-        scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, again)]
+        scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, draw(2))]
     elif held.teacher_samples is not None:
         scores["answer_tv"] = [total_variation(a, b) for a, b in zip(drawn, held.teacher_samples)]
     return scores

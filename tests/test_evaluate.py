@@ -26,20 +26,25 @@ def test_answer_sets_and_total_variation():
     assert total_variation(["a", "a", "a", "b"], ["a", "b", "b", "c"]) == pytest.approx(0.5)  # |.75-.25|/2+|.25-.5|/2+.25/2
 
 
-@pytest.fixture(scope="module")
-def known_prompts(tiny_teacher, tmp_path_factory):
-    """Half the references are the teacher's own greedy answers, half are wrong: teacher exact match = 50%."""
+def greedy_answers(teacher: str, questions: list[str], max_new_tokens: int):
+    """(model, tokenizer, prompt ids, greedy answers) of a model directory on single-turn questions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_distill.data import encode_prompt
     from llm_distill.decoding import decode_batch
 
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher), AutoTokenizer.from_pretrained(tiny_teacher)
-    qs = [f"What is {i}+{i}?" for i in range(8)]
-    ids = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
+    model, tok = AutoModelForCausalLM.from_pretrained(teacher), AutoTokenizer.from_pretrained(teacher)
+    ids = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
     outs = decode_batch(model, ids, pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id], vocab_size=len(tok),
-                        max_new_tokens=8, k=1)
-    answers = [tok.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
+                        max_new_tokens=max_new_tokens, k=1)
+    return model, tok, ids, [tok.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
+
+
+@pytest.fixture(scope="module")
+def known_prompts(tiny_teacher, tmp_path_factory):
+    """Half the references are the teacher's own greedy answers, half are wrong: teacher exact match = 50%."""
+    qs = [f"What is {i}+{i}?" for i in range(8)]
+    _, _, _, answers = greedy_answers(tiny_teacher, qs, max_new_tokens=8)
     recs = [{"id": f"k{i}", "task": "add", "messages": [{"role": "user", "content": q}],
              "reference": answers[i] if i % 2 == 0 else answers[i] + "#wrong"} for i, q in enumerate(qs)]
     return write_lines(tmp_path_factory.mktemp("known") / "heldout.jsonl", recs)
@@ -134,18 +139,10 @@ def test_references_and_answer_distributions(tiny_teacher, tmp_path):
     """Every right answer in `references`: a row counts when the answer is any of them. With answer_samples the
     teacher's samples (seed 1) are the references of the even rows, so its sampled exact match and coverage are
     known, and a copy of the teacher draws the same samples: TV 0 to the teacher's answers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llm_distill.data import encode_prompt
     from llm_distill.evaluate import sample_answers
-    from llm_distill.generate import decode_batch
 
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher), AutoTokenizer.from_pretrained(tiny_teacher)
     qs = [f"What is {i}+{i + 3}?" for i in range(6)]
-    ids = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
-    outs = decode_batch(model, ids, pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id], vocab_size=len(tok),
-                        max_new_tokens=6, k=1)
-    greedy = [tok.decode(c.token_ids, skip_special_tokens=True).strip() for c in outs]
+    model, tok, ids, greedy = greedy_answers(tiny_teacher, qs, max_new_tokens=6)
     drawn = sample_answers(model, tok, ids, 4, max_new_tokens=6, batch_size=32, seed=1)
     recs = []
     for i, q in enumerate(qs):
