@@ -35,7 +35,18 @@ class TeacherRows(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.ds[i]
+        return self.example(self.ds[i], i)
+
+    def take(self, indices: list[int]) -> list[dict]:
+        """The examples of many rows from one read of the dataset: one Arrow take and one formatting pass for the
+        batch instead of one per row (datasets' per-row access is mostly fixed Python cost)."""
+        cols = self.ds[list(indices)]  # {column: [value per row]}
+        return [self.example({c: v[j] for c, v in cols.items()}, i) for j, i in enumerate(indices)]
+
+    __getitems__ = take  # torch's DataLoader fetches a batch through it
+
+    def example(self, row: dict, i: int) -> dict:
+        """Row `i` of the dataset (its columns as read) as an example."""
         row.setdefault("id", f"row {i}")
         if self.retokenize:  # CE only: the text is re-encoded with the student's tokenizer and template
             prompt = encode_prompt(self.tok, row["messages"])

@@ -564,7 +564,7 @@ def step_rows(run: Run, step: int, i: int) -> list[int]:
 
 def offline_batches(run: Run, step: int) -> list[dict]:
     """This process's grad_accum_steps micro-batches of step `step` from the teacher dataset."""
-    return [collate([run.rows[r] for r in step_rows(run, step, i)], run.tokenizer.pad_token_id, run.cfg.packing)
+    return [collate(run.rows.take(step_rows(run, step, i)), run.tokenizer.pad_token_id, run.cfg.packing)
             for i in range(run.cfg.grad_accum_steps)]
 
 
@@ -574,7 +574,10 @@ def step_batches(run: Run, step: int) -> tuple[list[dict], str, bool]:
     cfg = run.cfg
     if not onpolicy_step(cfg.seed, step, cfg.onpolicy_fraction):
         return offline_batches(run, step), "distill", False
-    rows = [(r, run.rows[r]["prompt"]) for i in range(cfg.grad_accum_steps) for r in step_rows(run, step, i)]
+    rows = []
+    for i in range(cfg.grad_accum_steps):
+        idx = step_rows(run, step, i)
+        rows += [(r, e["prompt"]) for r, e in zip(idx, run.rows.take(idx))]
     student = run.accelerator.unwrap_model(run.step_loss).model
     micro, objective = onpolicy_batches(student, run.teacher, rows, step, cfg, pad_id=run.tokenizer.pad_token_id,
                                         stop_ids=run.stop_ids, vocab=run.vocab, max_len=run.max_len)
@@ -735,7 +738,7 @@ def evaluate_loss(run: Run) -> dict:
     for n in range(n_batches):
         idx = share[n * cfg.micro_batch_size:(n + 1) * cfg.micro_batch_size]
         # A process without rows left still runs a forward (DDP forwards are collective) and adds nothing.
-        b = to_device(collate([eval_rows[r] for r in (idx or share[:1])], run.tokenizer.pad_token_id, cfg.packing),
+        b = to_device(collate(eval_rows.take(idx or share[:1]), run.tokenizer.pad_token_id, cfg.packing),
                       accelerator.device)
         kd_sum, ce_sum = step_loss(**b)
         if idx:

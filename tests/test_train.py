@@ -80,6 +80,24 @@ def test_kd_refuses_a_different_tokenizer_but_ce_retokenises(teacher_data, tmp_p
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(other))
 
 
+def test_batched_row_reads_equal_per_row_reads(teacher_data, tiny_teacher):
+    """TeacherRows.take (one dataset read per micro-batch) gives exactly the per-row examples, with and without
+    the teacher's top-k, and for CE-only retokenisation."""
+    from transformers import AutoTokenizer
+
+    from llm_distill.storage import load_teacher_dataset
+    from llm_distill.student import TeacherRows
+
+    ds = load_teacher_dataset(str(teacher_data))
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    idx = [5, 0, 3, 3, 1]
+    for retokenize, with_topk in ((False, True), (False, False), (True, False)):
+        rows = TeacherRows(ds, tok, retokenize, with_topk, max_len=48)  # short: some completions are cut
+        assert rows.take(idx) == [rows[i] for i in idx]
+        assert rows.__getitems__(idx) == rows.take(idx)  # how torch's DataLoader asks for a batch
+    assert any(len(rows[i]["completion"]) < len(ds[i]["completion_token_ids"]) for i in idx)  # cut rows too
+
+
 def test_bad_train_inputs(teacher_data, tmp_path):
     proc = run_cli("train", f"dataset={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}", *STUDENT_CONFIG,
                    check=False)
