@@ -191,11 +191,13 @@ class TrainConfig:
     """Weight of cross-entropy on the teacher's tokens (sequence-level KD). kd_weight=0 trains CE only."""
     kd_divergences: Optional[dict] = None
     """Token divergences and their weights inside the KD term (default {forward_kl: 1.0}); any of forward_kl,
-    reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, e.g. {jsd: 1.0} or {forward_kl: 0.5, reverse_kl: 0.5}."""
+    reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, confidence_kl (forward KL weighted by the teacher's top-1
+    probability, skew reverse KL by the rest), e.g. {jsd: 1.0} or {forward_kl: 0.5, reverse_kl: 0.5}."""
     jsd_beta: float = 0.5
     """β of the generalised JSD (GKD): 0 is forward KL, 1 is reverse KL."""
     skew_alpha: float = 0.1
-    """α of skew KL / skew reverse KL (DistiLLM): the teacher's (resp. student's) share in the mixture."""
+    """α of skew KL / skew reverse KL (DistiLLM) and confidence_kl's reverse part: the teacher's (resp. student's)
+    share in the mixture."""
     kd_temperature: float = 1.0
     """KD temperature T, applied at train time to both bucket distributions; the KD term is scaled by T²."""
     kd_topk: Optional[int] = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "confidence_kl")
 # Teacher logprobs of -inf (vLLM can emit them) are zero-probability buckets; where a divergence divides by
 # the teacher's probability (reverse KL) they are floored here instead of making the loss infinite.
 TEACHER_LOGPROB_FLOOR = -100.0
@@ -84,6 +84,13 @@ def divergence(name: str, t: torch.Tensor, s: torch.Tensor, beta: float = 0.5, a
     skew_kl          KL(P || alpha P + (1 - alpha) Q)                      (DistiLLM)
     skew_reverse_kl  KL(Q || (1 - alpha) P + alpha Q)                      (DistiLLM)
     tvd              1/2 sum |P - Q|
+    confidence_kl    c KL(P || Q) + (1 - c) skew_reverse_kl, c = the teacher's top-1 probability (a constant):
+                     forward KL, whose gradient is CE's, where the teacher is sure of one token; mode-seeking
+                     where it spreads, so that the student commits to one of the teacher's likely tokens instead
+                     of copying a spread it lacks the capacity to place (and the teacher's wrong mass with it).
+                     The skew bounds reverse KL's log(q/p) at log(1/alpha) on buckets the teacher gives ~0.
+
+    `t`'s first bucket must be the teacher's top-1 (the top-k is stored sorted; `validate` checks it).
     """
     if name == "forward_kl" or (name == "jsd" and beta == 0.0):
         return _kl(t, s)
@@ -98,6 +105,9 @@ def divergence(name: str, t: torch.Tensor, s: torch.Tensor, beta: float = 0.5, a
         return _kl(s, _mix(t, s, 1.0 - alpha)) if alpha < 1.0 else torch.zeros_like(t[:, 0])
     if name == "tvd":
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    if name == "confidence_kl":
+        c = t[:, 0].exp().detach()  # (N,) the teacher's top-1 probability: a weight, not a target
+        return c * _kl(t, s) + (1.0 - c) * _kl(s, _mix(t, s, 1.0 - alpha))
     raise ValueError(f"unknown divergence {name!r}; choose from {', '.join(DIVERGENCES)}")
 
 

@@ -33,6 +33,9 @@ def dense(name, lp, lq, beta=0.5, alpha=0.1):
         return kl(q, (1 - alpha) * p + alpha * q)
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if name == "confidence_kl":
+        c = p.max(-1).values
+        return c * kl(p, q) + (1 - c) * kl(q, (1 - alpha) * p + alpha * q)
     raise ValueError(name)
 
 
