@@ -149,9 +149,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="timed steps per setting and round (a multiple of 10)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds (fresh runs each round)")
     ap.add_argument("--quick", action="store_true", help="100 timed steps")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OpenMP threads per run (0: torch's default); the runs share one process, and with more than "
+                         "one thread each OpenMP throttles their teams (see vs_trl.py --threads)")
     a = ap.parse_args()
     if a.quick:
         a.steps, a.rounds = 100, 1
+    if a.threads:  # before torch is first imported: OpenMP reads it once, for every thread
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import logging
 
     import torch

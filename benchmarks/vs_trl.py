@@ -7,7 +7,7 @@
 #     benchmarks/.venv-trl/bin/pip install torch==2.13.0          # pinned first: unpinned pulls GBs of CUDA
 #     benchmarks/.venv-trl/bin/pip install -e . trl==1.16.0        # TRL 1.16 runs on transformers 5.x
 #     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py         # about 5 minutes on 2 cores (+1 the first time: teacher pass)
-#     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py --quick # about 2 minutes; --threads 1 for one torch thread
+#     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py --quick # about 2 minutes
 #     benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py --larger  # 4.2 M random teacher, 535 k student
 #
 # Setup (identical for the three unless listed under "what differs", which the script also prints):
@@ -25,11 +25,13 @@
 #            full vocabulary), temperature=1: teacher forward on every batch, full student and teacher logits
 #   TRL SFT  trl.SFTTrainer, completion-only NLL on the same tokens (its fused, chunked LM head)
 # Timing: the three trainers run in threads of one process, set up one after another (model loading, dataset
-# preparation and Accelerate setup are outside any timing); then their steps are interleaved step by step (ours,
-# ours packed, GKD, SFT, ours, ...: only one runs at a time), so that load from other jobs on a shared machine hits all three
-# alike. A step's time is one full iteration of the trainer's loop (data loading, collation, forward, backward,
-# clipping, optimiser and scheduler step, its own logging). The first WARMUP steps are dropped, the next STEPS
-# are timed. Tokens are the non-padding tokens (attention mask) and the completion tokens of the timed steps'
+# preparation and Accelerate setup are outside any timing); then their steps are interleaved in blocks of
+# --block steps (ours, ours packed, GKD, SFT, ours, ...: only one runs at a time), so that load from other jobs on
+# a shared machine hits all three alike. The first step of each block is not timed (it pays for the switch
+# between trainers), and every trainer runs on --threads 1 OpenMP thread (with more, the teams of the trainers'
+# threads outnumber the cores and OpenMP throttles them all). A step's time is one full iteration of the
+# trainer's loop (data loading, collation, forward, backward, clipping, optimiser and scheduler step, its own
+# logging). The first WARMUP steps are dropped, the next STEPS are timed. Tokens are the non-padding tokens (attention mask) and the completion tokens of the timed steps'
 # batches; tokens/s = their sum / the sum of the step times. The median-step column divides medians of per-step
 # rates instead (robust to the few steps that another job's burst hits).
 import argparse
@@ -312,7 +314,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200, help="timed steps per trainer and round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds (fresh trainers each round)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OpenMP/torch threads of every trainer (0: torch's default). The trainers share one process; "
+                         "with more than one thread each, their OpenMP thread teams together outnumber the cores and "
+                         "the runtime throttles (workers sleep after every parallel region), which costs a step of "
+                         "many small ops more than one of few large ones (measured: our step 23 ms alone at 2 "
+                         "threads, 38 ms next to one idle second trainer)")
     ap.add_argument("--block", type=int, default=20,
                     help="steps a trainer runs before handing over (1: strict alternation; every step then pays "
                          "the switch between trainers); the first step of each block is not timed")
@@ -327,6 +334,8 @@ def main() -> None:
     if a.larger:
         TEACHER, DATA, N_PROMPTS = OUT / "teacher_h256_l4", OUT / "teacher_data_h256_l4", 1000
         STUDENT = {"hidden_size": 128, "intermediate_size": 512}
+    if a.threads:  # before torch is first imported (by trl): OpenMP reads it once, for every thread
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     try:
         import trl
     except ImportError:
