@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from .data import encode_prompt
@@ -35,13 +37,28 @@ class TeacherRows(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        return self.example(self.ds[i], i)
+        return self.take([i])[0]
 
     def take(self, indices: list[int]) -> list[dict]:
-        """The examples of many rows from one read of the dataset: one Arrow take and one formatting pass for the
-        batch instead of one per row (datasets' per-row access is mostly fixed Python cost)."""
-        cols = self.ds[list(indices)]  # {column: [value per row]}
-        return [self.example({c: v[j] for c, v in cols.items()}, i) for j, i in enumerate(indices)]
+        """The examples of many rows from one read of the dataset (datasets' per-row access is mostly fixed Python
+        cost). With the teacher's top-k, those columns go from Arrow to numpy without Python lists: an example's
+        topk_ids / topk_logprobs are then (c, k) arrays and its tail a (c,) array (`collate` takes either)."""
+        if not self.with_topk or self.retokenize:
+            cols = self.ds[list(indices)]  # {column: [value per row]}
+            return [self.example({c: v[j] for c, v in cols.items()}, i) for j, i in enumerate(indices)]
+        tbl = self.ds.with_format("arrow")[list(indices)]
+        ids = tbl.column("id").to_pylist() if "id" in tbl.column_names else [f"row {i}" for i in indices]
+        prompts, completions = (tbl.column(c).to_pylist() for c in ("prompt_token_ids", "completion_token_ids"))
+        per_token = {key: _ragged(tbl.column(c)) for key, c in
+                     (("topk_ids", "topk_token_ids"), ("topk_logprobs", "topk_logprobs"), ("tail", "tail_logprob"))}
+        out = []
+        for j, (row_id, prompt, completion) in enumerate(zip(ids, prompts, completions)):
+            room = self.room(prompt, row_id)
+            ex = {"prompt": prompt, "completion": completion[:room], "id": row_id}
+            for key, (offsets, values) in per_token.items():
+                ex[key] = values[offsets[j]:min(offsets[j + 1], offsets[j] + room)]
+            out.append(ex)
+        return out
 
     __getitems__ = take  # torch's DataLoader fetches a batch through it
 
@@ -55,10 +72,7 @@ class TeacherRows(torch.utils.data.Dataset):
                 completion = completion + [self.tok.eos_token_id]
         else:
             prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
-        room = self.max_len - len(prompt)
-        if room < 1:
-            raise UserError(f"dataset row {row['id']!r}: prompt has {len(prompt)} tokens, more than max_seq_len="
-                            f"{self.max_len}; raise max_seq_len or drop long prompts")
+        room = self.room(prompt, row["id"])
         ex = {"prompt": prompt, "completion": completion[:room]}
         if self.with_topk:
             ex["topk_ids"] = row["topk_token_ids"][:room]
@@ -66,6 +80,37 @@ class TeacherRows(torch.utils.data.Dataset):
             ex["tail"] = row["tail_logprob"][:room]
             ex["id"] = row["id"]
         return ex
+
+    def room(self, prompt: list[int], row_id) -> int:
+        """Completion tokens that fit after the prompt within max_len; refuses a prompt that leaves none."""
+        room = self.max_len - len(prompt)
+        if room < 1:
+            raise UserError(f"dataset row {row_id!r}: prompt has {len(prompt)} tokens, more than max_seq_len="
+                            f"{self.max_len}; raise max_seq_len or drop long prompts")
+        return room
+
+
+def _ragged(column) -> tuple[np.ndarray, np.ndarray]:
+    """A per-token Arrow list column of B rows -> (row offsets (B + 1,), values (M, k) or (M,)) as numpy."""
+    rows = column.combine_chunks()  # list<list<x>> or list<x>
+    offsets = rows.offsets.to_numpy()
+    tokens = rows.flatten()  # respects a sliced array's offset
+    if pa.types.is_fixed_size_list(tokens.type):  # how generate writes the top-k: (k,) per token
+        values = tokens.flatten().to_numpy(zero_copy_only=False).reshape(-1, tokens.type.list_size)
+    elif pa.types.is_list(tokens.type) or pa.types.is_large_list(tokens.type):
+        k = len(tokens[0]) if len(tokens) else 1
+        values = tokens.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)  # one k per dataset (validated)
+    else:
+        values = tokens.to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values
+
+
+def _stack(parts: list, dtype: torch.dtype) -> torch.Tensor:
+    """The examples' per-token values (numpy arrays from TeacherRows.take, or lists) as one tensor along the first
+    axis."""
+    if parts and all(isinstance(x, np.ndarray) for x in parts):
+        return torch.from_numpy(np.concatenate(parts)).to(dtype)
+    return torch.tensor([v for x in parts for v in x], dtype=dtype)
 
 
 def collate(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
@@ -97,9 +142,9 @@ def collate(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
         if with_topk and c:
             pos_b += [0 if packing else b] * c
             pos_t += range(offset + p - 1, offset + p + c - 1)
-            top_ids += e["topk_ids"]
-            top_lp += e["topk_logprobs"]
-            tails += e["tail"]
+            top_ids.append(e["topk_ids"])
+            top_lp.append(e["topk_logprobs"])
+            tails.append(e["tail"])
             if with_pg:
                 teacher_lp += e["teacher_lp"]
                 sample_lp += e["sample_lp"]
@@ -114,9 +159,10 @@ def collate(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
         batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
                  "attention_mask": torch.tensor(mask, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
     if with_topk:
-        k = len(top_ids[0]) if top_ids else 1
-        lp = torch.tensor(top_lp, dtype=torch.float32).view(-1, k)  # (M, k) over all completion positions
-        tail = torch.tensor(tails, dtype=torch.float32)  # (M,)
+        ids_k = _stack(top_ids, torch.long)
+        k = ids_k.shape[-1] if ids_k.dim() == 2 else 1
+        lp = _stack(top_lp, torch.float32).view(-1, k)  # (M, k) over all completion positions
+        tail = _stack(tails, torch.float32)  # (M,)
         bad = torch.isnan(lp).any(-1) | torch.isnan(tail)
         if bool(bad.any()):
             row = examples[pos_b[int(bad.nonzero()[0])]]
@@ -125,7 +171,7 @@ def collate(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
         batch["topk_ids"] = torch.zeros((B, T, k), dtype=torch.long)  # (B, T, k)
         batch["topk_logprobs"] = torch.zeros((B, T, k), dtype=torch.float32)  # (B, T, k)
         batch["tail_logprob"] = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
-        batch["topk_ids"][bi, ti] = torch.tensor(top_ids, dtype=torch.long).view(-1, k)
+        batch["topk_ids"][bi, ti] = ids_k.view(-1, k)
         batch["topk_logprobs"][bi, ti] = lp
         batch["tail_logprob"][bi, ti] = tail
         if with_pg:

@@ -81,21 +81,32 @@ def test_kd_refuses_a_different_tokenizer_but_ce_retokenises(teacher_data, tmp_p
 
 
 def test_batched_row_reads_equal_per_row_reads(teacher_data, tiny_teacher):
-    """TeacherRows.take (one dataset read per micro-batch) gives exactly the per-row examples, with and without
-    the teacher's top-k, and for CE-only retokenisation."""
+    """TeacherRows.take (one dataset read per micro-batch; the top-k straight from Arrow to numpy) gives exactly
+    the examples of the per-row path, with and without the teacher's top-k, for CE-only retokenisation, for rows
+    cut at max_len, and after a dataset select (an Arrow view with an offset); collate gives the same batch."""
+    import numpy as np
     from transformers import AutoTokenizer
 
     from llm_distill.storage import load_teacher_dataset
-    from llm_distill.student import TeacherRows
+    from llm_distill.student import TeacherRows, collate
+
+    def plain(ex):
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in ex.items()}
 
     ds = load_teacher_dataset(str(teacher_data))
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     idx = [5, 0, 3, 3, 1]
-    for retokenize, with_topk in ((False, True), (False, False), (True, False)):
-        rows = TeacherRows(ds, tok, retokenize, with_topk, max_len=48)  # short: some completions are cut
-        assert rows.take(idx) == [rows[i] for i in idx]
-        assert rows.__getitems__(idx) == rows.take(idx)  # how torch's DataLoader asks for a batch
-    assert any(len(rows[i]["completion"]) < len(ds[i]["completion_token_ids"]) for i in idx)  # cut rows too
+    for data in (ds, ds.select(range(2, len(ds)))):
+        for retokenize, with_topk in ((False, True), (False, False), (True, False)):
+            rows = TeacherRows(data, tok, retokenize, with_topk, max_len=48)  # short: some completions are cut
+            per_row = [rows.example(data[i], i) for i in idx]
+            taken = rows.take(idx)
+            assert [plain(e) for e in taken] == per_row
+            assert [plain(e) for e in rows.__getitems__(idx)] == per_row  # how torch's DataLoader asks
+            for packing in (False, True):
+                a, b = collate(taken, tok.pad_token_id, packing), collate(per_row, tok.pad_token_id, packing)
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert any(len(e["completion"]) < len(data[i]["completion_token_ids"]) for e, i in zip(per_row, idx))
 
 
 def test_bad_train_inputs(teacher_data, tmp_path):
