@@ -32,6 +32,7 @@ class TeacherRows(torch.utils.data.Dataset):
         if with_topk:
             columns += ["topk_token_ids", "topk_logprobs", "tail_logprob"]
         self.ds = ds.select_columns([c for c in columns if c != "id" or "id" in ds.column_names])
+        self.arrow = self.ds.with_format("arrow")  # `take` reads the top-k through it: built once, not per batch
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -46,7 +47,7 @@ class TeacherRows(torch.utils.data.Dataset):
         if not self.with_topk or self.retokenize:
             cols = self.ds[list(indices)]  # {column: [value per row]}
             return [self.example({c: v[j] for c, v in cols.items()}, i) for j, i in enumerate(indices)]
-        tbl = self.ds.with_format("arrow")[list(indices)]
+        tbl = self.arrow[list(indices)]
         ids = tbl.column("id").to_pylist() if "id" in tbl.column_names else [f"row {i}" for i in indices]
         prompts, completions = (tbl.column(c).to_pylist() for c in ("prompt_token_ids", "completion_token_ids"))
         per_token = {key: _ragged(tbl.column(c)) for key, c in
