@@ -27,8 +27,8 @@
 # Timing: the three trainers run in threads of one process, set up one after another (model loading, dataset
 # preparation and Accelerate setup are outside any timing); then their steps are interleaved in blocks of
 # --block steps (ours, ours packed, GKD, SFT, ours, ...: only one runs at a time), so that load from other jobs on
-# a shared machine hits all three alike. The first step of each block is not timed (it pays for the switch
-# between trainers), and every trainer runs on --threads 1 OpenMP thread (with more, the teams of the trainers'
+# a shared machine hits all three alike. The first step of each block is not timed (it starts on another
+# trainer's caches), and every trainer runs on --threads 1 OpenMP thread (with more, the teams of the trainers'
 # threads outnumber the cores and OpenMP throttles them all). A step's time is one full iteration of the
 # trainer's loop (data loading, collation, forward, backward, clipping, optimiser and scheduler step, its own
 # logging). The first WARMUP steps are dropped, the next STEPS are timed. Tokens are the non-padding tokens (attention mask) and the completion tokens of the timed steps'
@@ -301,9 +301,8 @@ def measure(steps: int, block: int) -> dict:
         first = WARMUP if n.startswith("ours") else WARMUP + 1
         tk = tokens[n][first:first + steps]
         assert len(d) == len(tk) == len(cold) == steps, (n, len(d), len(tk))
-        # The first step after a hand-over pays for the switch between trainers (measured: ~14 ms on this CPU
-        # whatever the trainer, more than our whole step), a cost no single-trainer run has: with block > 1 it
-        # is left out.
+        # The first step after a hand-over starts on another trainer's caches, which no single-trainer run does:
+        # with block > 1 it is left out (a precaution; its cost was not measured apart).
         keep = [i for i in range(steps) if not (cold[i] and block > 1)]
         out[n] = {"seconds": [d[i] for i in keep], "tokens": [tk[i][0] for i in keep],
                   "completion_tokens": [tk[i][1] for i in keep]}
@@ -321,8 +320,8 @@ def main() -> None:
                          "many small ops more than one of few large ones (measured: our step 23 ms alone at 2 "
                          "threads, 38 ms next to one idle second trainer)")
     ap.add_argument("--block", type=int, default=20,
-                    help="steps a trainer runs before handing over (1: strict alternation; every step then pays "
-                         "the switch between trainers); the first step of each block is not timed")
+                    help="steps a trainer runs before handing over (1: strict alternation); the first step of "
+                         "each block, which starts on another trainer's caches, is not timed")
     ap.add_argument("--quick", action="store_true", help="50 timed steps, 1 round")
     ap.add_argument("--larger", action="store_true",
                     help="a randomly initialised 4.2 M teacher (hidden 256, 4 layers) and a 535 k student (hidden 128, "
