@@ -144,6 +144,9 @@ def main() -> None:
     a = ap.parse_args()
     arms = {x[0]: (x[1], x[2:]) for x in a.arm} if a.arm else {
         "kd": ("recipes/tiny/train_kd.yaml", []), "ce_only": ("recipes/tiny/train_ce.yaml", [])}
+    for name in arms:  # the name becomes an evaluate override `students.<name>=...`, where a dot would nest it
+        if not name.replace("_", "").replace("-", "").isalnum():
+            ap.error(f"--arm name '{name}' may hold only letters, digits, '_' and '-' (e.g. ce_lr1e-3, not ce_lr1.5e-3)")
     base = Path(a.out).resolve()
     if a.teacher:
         tasks = {"custom": (a.teacher, a.train_prompts, a.heldout)}
