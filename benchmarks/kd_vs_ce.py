@@ -1,11 +1,12 @@
 # KD vs CE-only (the shipped recipes) over seeds, tasks and amounts of teacher data, evaluated on held-out prompts:
-#     python benchmarks/kd_vs_ce.py                                  (bundled exact task, seeds 0-4, 2,500 steps)
+#     python benchmarks/kd_vs_ce.py                                  (bundled exact task, seeds 0-4, the recipes' 5,000 steps)
 #     python benchmarks/kd_vs_ce.py --tasks exact choice             (both bundled tasks, one table)
 #     python benchmarks/kd_vs_ce.py --tasks choice --train-limits 500 1250 2500 5000   (data efficiency)
 #     python benchmarks/kd_vs_ce.py --seeds 0 1 2 --max-steps 1000 --jobs 2
 #     python benchmarks/kd_vs_ce.py --teacher T --train-prompts train.jsonl --heldout heldout.jsonl --out runs/x
 #     python benchmarks/kd_vs_ce.py --arm kd_sum recipes/tiny/train_kd.yaml kd_weight=1 ce_weight=1 --arm ...
-#     python benchmarks/kd_vs_ce.py --arm gkd recipes/tiny/train_kd.yaml onpolicy_fraction=0.5 'teacher={teacher}' ...
+#     python benchmarks/kd_vs_ce.py --arm kd recipes/tiny/train_kd.yaml --arm ce_only recipes/tiny/train_ce.yaml \
+#         --arm gkd recipes/tiny/train_gkd.yaml 'teacher={teacher}'            (with the on-policy recipe)
 #         ({teacher} in an arm's overrides is the task's teacher)
 # A task is data/<task>_task (or data/tiny_task for `exact`): its teacher/, train.jsonl and heldout.jsonl. Per task
 # and train limit N the teacher answers the first N train prompts with `recipes/tiny/generate.yaml`; each student
