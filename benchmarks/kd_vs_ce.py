@@ -204,9 +204,12 @@ def main() -> None:
             mean = lambda runs, k: statistics.mean(statistics.mean(m[k] for m in run) for run in runs)  # noqa: E731
             r = row["students"][name]
             r.update(grad_norm=mean(logs, "grad_norm"), clip_fraction=mean(logs, "clip_fraction"),
-                     clip_fraction_last=mean(tail, "clip_fraction"), train_ce=[run[-1]["ce"] for run in logs])
+                     clip_fraction_last=mean(tail, "clip_fraction"),
+                     # a run with ce_weight 0 does not compute its CE (it logs 0): None, printed as a dash
+                     train_ce=[run[-1]["ce"] if run[-1]["ce"] > 0 else None for run in logs])
+            ce_text = " / ".join("—" if v is None else f"{v:.3f}" for v in r["train_ce"])
             print(f"| {task} | {limit or 'all'} | {name} | {r['grad_norm']:.2f} | {r['clip_fraction']:.0%} | "
-                  f"{r['clip_fraction_last']:.0%} | {' / '.join(f'{v:.3f}' for v in r['train_ce'])} |")
+                  f"{r['clip_fraction_last']:.0%} | {ce_text} |")
     if "ce_only" in arms and len(arms) > 1:
         print("\n| task | teacher sequences | vs ce_only (paired by seed) | exact match difference, mean [95% CI] | "
               "seeds ahead | KL lower in | sampled exact difference | TV lower in |")
