@@ -206,7 +206,8 @@ def main() -> None:
             r.update(grad_norm=mean(logs, "grad_norm"), clip_fraction=mean(logs, "clip_fraction"),
                      clip_fraction_last=mean(tail, "clip_fraction"),
                      # a run with ce_weight 0 does not compute its CE (it logs 0): None, printed as a dash
-                     train_ce=[run[-1]["ce"] if run[-1]["ce"] > 0 else None for run in logs])
+                     train_ce=[run[-1]["ce"] if json.loads((out / f"{name}-seed{s}" / "run.json").read_text())
+                               ["config"]["ce_weight"] > 0 else None for run, s in zip(logs, a.seeds)])
             ce_text = " / ".join("—" if v is None else f"{v:.3f}" for v in r["train_ce"])
             print(f"| {task} | {limit or 'all'} | {name} | {r['grad_norm']:.2f} | {r['clip_fraction']:.0%} | "
                   f"{r['clip_fraction_last']:.0%} | {ce_text} |")
