@@ -1,8 +1,8 @@
 # A third task family that no recipe or default was chosen on, with its own (byte-level BPE) tokenizer and
 # teacher, to check the shipped recipes away from the bundled tasks:
-#     python benchmarks/check_task.py                      (writes runs/check_task/: ~15 min on 2 cores)
+#     python benchmarks/check_task.py                      (runs/check_task/: 23 min on 2 cores beside another run)
 #     python benchmarks/kd_vs_ce.py --teacher runs/check_task/teacher --train-prompts runs/check_task/train.jsonl \
-#         --heldout runs/check_task/heldout.jsonl --out runs/bench/check_kd_vs_ce
+#         --heldout runs/check_task/heldout.jsonl --out runs/bench/check_kd_vs_ce     (14 min on 2 cores)
 # Six task types, four with one right answer and two with several (held-out rows of those carry `references`):
 #     sub      "What is 85-47?"                         -> "38"
 #     count    "How many letters in: banana?"           -> "6"
@@ -72,7 +72,7 @@ def records(n: int, seed: int, exclude: set, prefix: str, distinct: bool = True)
             seen.add(q)
         rec = {"id": f"{prefix}{len(out):05d}", "task": kind, "messages": [{"role": "user", "content": q}],
                "reference": rng.choice(right)}
-        if len(right) > 1 or kind in ("even", "greater"):
+        if kind in ("even", "greater"):
             rec["references"] = right
         out.append(rec)
     return out
@@ -111,8 +111,8 @@ def main() -> None:
 
     from datasets import Dataset
 
-    tokenizer = bpe_tokenizer([tmpl for r in labelled[:10000] for tmpl in
-                               (r["messages"][0]["content"], r["reference"])], a.vocab_size)
+    corpus = [text for r in labelled[:10000] for text in (r["messages"][0]["content"], r["reference"])]
+    tokenizer = bpe_tokenizer(corpus, a.vocab_size)
     check = tokenizer.apply_chat_template(labelled[0]["messages"] + [{"role": "assistant",
                                           "content": labelled[0]["reference"]}], tokenize=False)
     assert tokenizer.decode(tokenizer(check, add_special_tokens=False)["input_ids"]) == check, "BPE round trip"
@@ -121,7 +121,8 @@ def main() -> None:
         tokenizer.save_pretrained(work / "tokenizer")
         Dataset.from_list([{"messages": r["messages"], "completion": r["reference"]} for r in labelled]) \
             .save_to_disk(str(work / "sft"))
-        cfg = TrainConfig(dataset=str(work / "sft"), output_dir=str(work / "teacher"), tokenizer=str(work / "tokenizer"),
+        cfg = TrainConfig(dataset=str(work / "sft"), output_dir=str(work / "teacher"),
+                          tokenizer=str(work / "tokenizer"),
                           student_config=TEACHER_CONFIG, kd_weight=0.0, ce_weight=1.0, learning_rate=3e-3,
                           warmup_steps=100, max_steps=a.steps, micro_batch_size=64, seed=7, log_every=100,
                           overwrite=True)
