@@ -3,11 +3,13 @@ from the code before the training loop was restructured. A refactor that shifts 
 the step's rows, the on-policy batches, the logged window) fails here, where the relative tests pass.
 
 Everything runs in this process on one CPU thread (matmul reductions can differ with the thread count), from a
-teacher and a teacher dataset built here with the real generate stage. Regenerate the numbers only for an
-intended change of behaviour: `GOLDEN_WRITE=1 pytest tests/test_golden.py` rewrites tests/golden_train.json.
+teacher and a teacher dataset built here with the real generate stage. The float32 kernels still differ between
+CPUs (AVX2 and AVX-512 builds of the same torch differ by ~1e-5 relative after four steps), so values and weights
+are compared at rel 1e-4: far below what a change of normalisation, rows or window moves (percent or more).
+Regenerate the numbers only for an intended change of behaviour: `GOLDEN_WRITE=1 pytest tests/test_golden.py`
+rewrites tests/golden_train.json.
 """
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,15 +39,15 @@ RUNS = {
 GOLDEN_FILE = Path(__file__).with_name("golden_train.json")
 
 
-def _weights_sha(directory) -> str:
+def _weights_fingerprint(directory) -> dict:
+    """Per tensor, its projection on a fixed random direction: a hash would break on another CPU's rounding."""
     from safetensors.torch import load_file
 
     state = load_file(str(directory / "model.safetensors"))
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    generator = torch.Generator().manual_seed(0)
+    return {name: float(state[name].double().flatten() @ torch.randn(state[name].numel(), generator=generator,
+                                                                          dtype=torch.float64))
+            for name in sorted(state)}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def golden_runs(tmp_path_factory):
                 *([f"eval_dataset={root / 'eval'}"] if name == "kd" else []), *extra]))
             metrics = [json.loads(l) for l in (out / "metrics.jsonl").open()]
             results[name] = {"metrics": [{k: m[k] for k in KEYS if k in m} for m in metrics],
-                             "weights": _weights_sha(out)}
+                             "weights": _weights_fingerprint(out)}
     finally:
         torch.set_num_threads(threads)
     if os.environ.get("GOLDEN_WRITE"):
@@ -91,5 +93,7 @@ def test_runs_reproduce_the_recorded_values(golden_runs, run):
     for g, w in zip(got["metrics"], want["metrics"]):
         assert set(g) == set(w), (run, g["step"])
         for key, value in w.items():
-            assert g[key] == pytest.approx(value, rel=1e-7, abs=1e-12), (run, g["step"], key)
-    assert got["weights"] == want["weights"], f"{run}: the trained weights are not bit-identical"
+            assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (run, g["step"], key)
+    assert set(got["weights"]) == set(want["weights"]), run
+    for name, value in want["weights"].items():
+        assert got["weights"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (run, name)
