@@ -1,6 +1,6 @@
 # KD vs CE-only (the shipped recipes) over seeds, tasks and amounts of teacher data, evaluated on held-out prompts:
 #     python benchmarks/kd_vs_ce.py                                  (bundled exact task, seeds 0-4, the recipes' 5,000 steps)
-#     python benchmarks/kd_vs_ce.py --tasks exact choice             (both bundled tasks, one table)
+#     python benchmarks/kd_vs_ce.py --tasks exact choice check       (the three bundled tasks, one table)
 #     python benchmarks/kd_vs_ce.py --tasks choice --train-limits 500 1250 2500 5000   (data efficiency)
 #     python benchmarks/kd_vs_ce.py --seeds 0 1 2 --max-steps 1000 --jobs 2
 #     python benchmarks/kd_vs_ce.py --teacher T --train-prompts train.jsonl --heldout heldout.jsonl --out runs/x
@@ -63,7 +63,7 @@ def finished(student: Path) -> bool:
     return f.is_file() and json.loads(f.read_text()).get("finished", False)
 
 
-TASK_DIRS = {"exact": "data/tiny_task", "choice": "data/choice_task"}
+TASK_DIRS = {"exact": "data/tiny_task", "choice": "data/choice_task", "check": "data/check_task"}
 
 
 def train_and_evaluate(a, arms: dict, teacher: str, train_prompts: str, heldout: str, out: Path,
@@ -124,7 +124,7 @@ def fmt_interval(values: list[float], digits: int, unit: str = "") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", nargs="+", default=["exact"], choices=sorted(TASK_DIRS),
-                    help="bundled tasks (exact: data/tiny_task; choice: data/choice_task)")
+                    help="bundled tasks (exact: data/tiny_task; choice: data/choice_task; check: data/check_task)")
     ap.add_argument("--train-limits", type=int, nargs="+", default=[0],
                     help="teacher sequences: the first N train prompts (0: all of them)")
     ap.add_argument("--teacher", help="another teacher (with --train-prompts and --heldout) instead of --tasks")

@@ -64,6 +64,7 @@ if [ $QUICK = 1 ]; then
     run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py --seeds 0 1 --max-steps 300 --out runs/bench/kd_vs_ce_quick
     run kd_vs_ce_choice      "$PY" benchmarks/kd_vs_ce.py --tasks choice --train-limits 1250 0 --seeds 0 --max-steps 300 \
                                  --out runs/bench/kd_vs_ce_choice_quick
+    run kd_vs_ce_check       "$PY" benchmarks/kd_vs_ce.py --tasks check --seeds 0 --max-steps 300 --out runs/bench/kd_vs_ce_check_quick
 else
     run kd_step              "$PY" benchmarks/kd_step.py 30 8
     run vs_trl               "$TRL_PY" benchmarks/vs_trl.py
@@ -79,6 +80,7 @@ else
     [ -x "$VLLM_PY" ] && run vllm_throughput "$VLLM_PY" benchmarks/vllm_throughput.py
     run kd_vs_ce             "$PY" benchmarks/kd_vs_ce.py
     run kd_vs_ce_choice      "$PY" benchmarks/kd_vs_ce.py --tasks choice --train-limits 1250 0 --out runs/bench/kd_vs_ce_choice
+    run kd_vs_ce_check       "$PY" benchmarks/kd_vs_ce.py --tasks check --train-limits 1250 0 --out runs/bench/kd_vs_ce_check
     run kd_ce_gradients      "$PY" benchmarks/kd_ce_gradients.py runs/bench/kd_vs_ce/teacher_data runs/bench/kd_vs_ce/ce_only-seed0
 fi
 

@@ -3,6 +3,7 @@
     llm-distill quickstart                 # one seed (a few minutes on 2 cores)
     llm-distill quickstart seeds=[0,1,2]   # the README's figures
     llm-distill quickstart data_dir=data/choice_task   # the second bundled task (several right answers)
+    llm-distill quickstart data_dir=data/check_task    # the third (an imperfect teacher, its own tokenizer)
 
 teacher (data/tiny_task/teacher) -> generate on train prompts -> train a KD student and a CE-only student with
 the same steps and seed -> evaluate all on the held-out prompts -> print the table.
@@ -34,12 +35,17 @@ def main(cfg: QuickstartConfig) -> dict:
             raise UserError(f"{f}: not found; run the quickstart from the repository root (or set data_dir/recipes_dir)")
     teacher = data / "teacher"
     if not (teacher / "config.json").is_file():
-        from .tiny_task import train_teacher
+        from .tiny_task import FAMILIES, train_teacher
 
-        print(f"quickstart: no teacher at {teacher}; training it (a few minutes)")
-        # A held-out set whose rows list several right answers is the `choice` task's (data/choice_task).
+        # The family is the held-out rows' task type; a task with a builder of its own (data/check_task, with its
+        # own tokenizer) is rebuilt by its make.py.
         with (data / "heldout.jsonl").open() as f:
-            family = "choice" if "references" in json.loads(f.readline() or "{}") else "exact"
+            kind = json.loads(f.readline() or "{}").get("task")
+        family = next((name for name, kinds in FAMILIES.items() if kind in kinds), None)
+        if family is None:
+            raise UserError(f"{teacher}: no teacher, and task type {kind!r} is not one quickstart can train a teacher "
+                            f"for; build it with {data / 'make.py'}")
+        print(f"quickstart: no teacher at {teacher}; training it (a few minutes)")
         with tempfile.TemporaryDirectory() as work:
             train_teacher(data, work, family=family)
     if out.exists():
