@@ -40,11 +40,14 @@ def main(cfg: QuickstartConfig) -> dict:
         # The family is the held-out rows' task type; a task with a builder of its own (data/check_task, with its
         # own tokenizer) is rebuilt by its make.py.
         with (data / "heldout.jsonl").open() as f:
-            kind = json.loads(f.readline() or "{}").get("task")
+            first = json.loads(f.readline() or "{}")
+        kind = first.get("task") if isinstance(first, dict) else None
         family = next((name for name, kinds in FAMILIES.items() if kind in kinds), None)
         if family is None:
-            raise UserError(f"{teacher}: no teacher, and task type {kind!r} is not one quickstart can train a teacher "
-                            f"for; build it with {data / 'make.py'}")
+            fix = (f"build it with {data / 'make.py'}" if (data / "make.py").is_file() else
+                   "put a checkpoint there (config.json, weights, tokenizer) or set data_dir to a bundled task")
+            raise UserError(f"{teacher}: no teacher, and quickstart trains one only for the bundled exact and choice "
+                            f"task types (held-out row 1 has task {kind!r}); {fix}")
         print(f"quickstart: no teacher at {teacher}; training it (a few minutes)")
         with tempfile.TemporaryDirectory() as work:
             train_teacher(data, work, family=family)

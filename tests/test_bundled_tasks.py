@@ -40,13 +40,40 @@ def test_bundled_task_and_its_teacher(task, tmp_path):
     assert teacher["exact_match"] >= TASKS[task], teacher["exact_match"]
 
 
-def test_quickstart_names_the_builder_of_a_teacher_it_cannot_train(tmp_path):
+@pytest.mark.parametrize("builder", [True, False])
+def test_quickstart_says_how_to_get_a_teacher_it_cannot_train(builder, tmp_path):
+    """The check task's teacher has a tokenizer of its own: quickstart names its make.py (or, for a data dir
+    without one, what to put there) in one line, exits non-zero and writes nothing."""
+    data = tmp_path / "task"
+    data.mkdir()
+    for name in ("train.jsonl", "heldout.jsonl") + (("make.py",) if builder else ()):
+        (data / name).write_text((ROOT / "data" / "check_task" / name).read_text())
+    proc = run_cli("quickstart", f"data_dir={data}", f"output_dir={tmp_path / 'qs'}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no teacher" in lines[0] and "'sub'" in lines[0], lines
+    assert ("make.py" in lines[0]) == builder and ("put a checkpoint there" in lines[0]) != builder
+    assert not (tmp_path / "qs").exists() and not (data / "teacher").exists()
+
+
+@pytest.mark.parametrize("task,family", [("tiny_task", "exact"), ("choice_task", "choice")])
+def test_quickstart_trains_a_missing_teacher_of_the_tasks_family(task, family, tmp_path, monkeypatch):
+    """Without teacher/, quickstart trains one for the family of the held-out rows' task type."""
+    from llm_distill import quickstart, tiny_task
+    from llm_distill.config import QuickstartConfig
+
+    class Trained(Exception):
+        pass
+
+    def train_teacher(data_dir, work, family="exact"):
+        raise Trained(family)
+
     data = tmp_path / "task"
     data.mkdir()
     for name in ("train.jsonl", "heldout.jsonl"):
-        (data / name).write_text((ROOT / "data" / "check_task" / name).read_text())
-    proc = run_cli("quickstart", f"data_dir={data}", f"output_dir={tmp_path / 'qs'}", check=False)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "no teacher" in last and "make.py" in last and "'sub'" in last, last
-    assert not (tmp_path / "qs").exists()
+        (data / name).write_text((ROOT / "data" / task / name).read_text())
+    monkeypatch.setattr(tiny_task, "train_teacher", train_teacher)
+    with pytest.raises(Trained) as got:
+        quickstart.main(QuickstartConfig(data_dir=str(data), recipes_dir=str(ROOT / "recipes" / "tiny"),
+                                         output_dir=str(tmp_path / "qs")))
+    assert str(got.value) == family
