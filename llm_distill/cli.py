@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -83,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             from . import train
 
             train.main(load_config(TrainConfig, recipe, overrides))
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Every rank has passed the final barrier and the student is saved. The process group is left up
+                # (train.fit says why), and at interpreter exit its gloo threads can still be joinable, which
+                # aborts the process ("terminate called without an active exception", exit -6) after a finished
+                # run; leave without running C++ destructors instead.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
         elif ns.stage == "evaluate":
             from . import evaluate
 
