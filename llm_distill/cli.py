@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
             train.main(load_config(TrainConfig, recipe, overrides))
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # Every rank has passed the final barrier and the student is saved. The process group is left up
-                # (train.fit says why), and at interpreter exit its gloo threads can still be joinable, which
-                # aborts the process ("terminate called without an active exception", exit -6) after a finished
-                # run; leave without running C++ destructors instead.
+                # Every rank has passed the final barrier, the student is saved and every file is closed. The
+                # process group is left up (train.fit says why); once, a rank of a finished run then aborted at
+                # interpreter exit ("terminate called without an active exception", exit -6: a C++ thread still
+                # joinable when destructors run; which library's was not traced). Leave without running them.
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
