@@ -47,6 +47,26 @@ def error_line(stage: str, message: str) -> str:
     return f"llm-distill {stage}: error: " + " ".join(str(message).split())
 
 
+def _is_process_entry() -> bool:
+    """True when this process runs the CLI itself (`llm-distill ...` or `python -m llm_distill`), not a caller
+    that imported `main` (tests, notebooks): only then may a stage end the process."""
+    entry = sys.modules.get("__main__")
+    spec = getattr(entry, "__spec__", None)
+    return (spec is not None and spec.name in ("llm_distill.__main__", "llm_distill.cli")) or \
+        os.path.basename(sys.argv[0] or "") == "llm-distill"
+
+
+def _leave_now(*, run_exit_handlers: bool) -> None:
+    """End the process with status 0 now, skipping interpreter teardown (see the callers for why)."""
+    if run_exit_handlers:
+        import atexit
+
+        atexit._run_exitfuncs()  # engine shutdown, logging, trackers: what a normal exit runs before teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="llm-distill",
@@ -89,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 # process group is left up (train.fit says why); once, a rank of a finished run then aborted at
                 # interpreter exit ("terminate called without an active exception", exit -6: a C++ thread still
                 # joinable when destructors run; which library's was not traced). Leave without running them.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
+                _leave_now(run_exit_handlers=False)
         elif ns.stage == "evaluate":
             from . import evaluate
 
@@ -104,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             from . import quickstart
 
             quickstart.main(load_config(QuickstartConfig, recipe, overrides))
+        engines = sys.modules.get("llm_distill.vllm_backend")
+        if engines is not None and engines.ENGINES_STARTED and _is_process_entry():
+            # The stage is done; VLLMBackend.close shuts its engines down (explicitly, or in the exit handlers run
+            # below). After that, a process that
+            # had run vLLM's CPU engine still aborted at times in interpreter teardown ("terminate called without
+            # an active exception", exit -6; seen in CI in `score` and in on-policy `train`, not reproduced in 8
+            # local runs; the thread was not traced). Run the exit handlers, then leave without the teardown.
+            _leave_now(run_exit_handlers=True)
     except UserError as e:
         _end_progress_bars()
         print(error_line(ns.stage, str(e)), file=sys.stderr)

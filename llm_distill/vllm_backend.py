@@ -407,6 +407,10 @@ def stop_ids_of(model: str, tokenizer) -> list[int]:
     return eos_ids(types.SimpleNamespace(generation_config=gen), tokenizer)
 
 
+# How many in-process engines this process has started: the CLI leaves without interpreter teardown after one (cli.py).
+ENGINES_STARTED = 0
+
+
 class VLLMBackend:
     """Teacher on vLLM, with TransformersBackend's interface: `generate` and `score` return `Completion`s.
 
@@ -443,6 +447,8 @@ class VLLMBackend:
             max_num_batched_tokens=max_num_batched_tokens)
         self.details = {"platform": platform, "dtype": kwargs["dtype"]}
         self.llm = vllm.LLM(**kwargs)
+        global ENGINES_STARTED
+        ENGINES_STARTED += 1
         self._watchdog = reap_children_on_death()
         # Every way out of Python (an error included) shuts the engine down before interpreter teardown.
         atexit.register(self.close)
