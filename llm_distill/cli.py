@@ -125,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         engines = sys.modules.get("llm_distill.vllm_backend")
         if engines is not None and engines.ENGINES_STARTED and _is_process_entry():
             # The stage is done; VLLMBackend.close shuts its engines down (explicitly, or in the exit handlers run
-            # below). After that, a process that
-            # had run vLLM's CPU engine still aborted at times in interpreter teardown ("terminate called without
-            # an active exception", exit -6; seen in CI in `score` and in on-policy `train`, not reproduced in 8
-            # local runs; the thread was not traced). Run the exit handlers, then leave without the teardown.
+            # below). Even so, a process that had run vLLM's CPU engine aborted at times in interpreter teardown
+            # ("terminate called without an active exception", exit -6; seen in `score` and in on-policy `train`,
+            # rarely; which library's thread was not traced). Run the exit handlers, then leave without teardown.
             _leave_now(run_exit_handlers=True)
     except UserError as e:
         _end_progress_bars()

@@ -4,12 +4,23 @@ only when it is that process's entry point, never inside a caller that imported 
 import subprocess
 import sys
 
+import pytest
+
 from llm_distill import cli, vllm_backend
 
 
-def test_an_imported_main_does_not_count_as_the_entry_point(monkeypatch):
+def test_an_imported_main_returns_to_its_caller_after_an_engine_ran(monkeypatch, tmp_path):
+    """A stage that ran an engine, called through an imported `main`, returns its status instead of ending the
+    caller's process."""
+    from llm_distill import export
+
+    ran = []
+    monkeypatch.setattr(cli.os, "_exit", lambda status: pytest.fail(f"main ended the caller's process ({status})"))
     monkeypatch.setattr(vllm_backend, "ENGINES_STARTED", 1)
+    monkeypatch.setattr(export, "main", ran.append)  # the stage itself is not under test
     assert not cli._is_process_entry()  # pytest is this process's entry point
+    assert cli.main(["export", f"adapter={tmp_path / 'a'}", f"output_dir={tmp_path / 'o'}"]) == 0
+    assert len(ran) == 1
 
 
 def test_the_console_script_and_python_m_count_as_the_entry_point():
