@@ -1,5 +1,6 @@
-"""The CLI ends its own process early (after an in-process vLLM engine has run, or after a multi-process train)
-only when it is that process's entry point, never inside a caller that imported `main` (tests, notebooks)."""
+"""After an in-process vLLM engine has run, the CLI ends its own process early only when it is that process's entry
+point, never inside a caller that imported `main` (tests, notebooks). (A finished multi-process train, WORLD_SIZE > 1,
+leaves early whatever the entry point: every rank runs under a launcher.)"""
 
 import subprocess
 import sys
